@@ -1,0 +1,51 @@
+"""Framewise vLLM model plugin: video-LLM architectures registered out of tree.
+
+vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) in every
+process it starts: front-end, engine core, workers and its model-inspection
+subprocess. It must stay idempotent, cheap and free of accelerator access.
+"""
+
+from __future__ import annotations
+
+# architecture name (config.json "architectures") -> (model_type, "module:Class")
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "TCLlavaForConditionalGeneration": ("tc_llava", "model_plugins.models.tc_llava:TCLlavaForConditionalGeneration"),
+}
+
+
+class WholeItemScheduling:
+    """vLLM per-architecture config hook: never split an image/video across prefill steps.
+
+    A frame-wise mask is only exact when all keys of a frame are in the cache when
+    its queries run. CUDA/ROCm force this for prefix-LM models; CPU does not.
+    """
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        if getattr(hf_config, "frame_block_mask", False):
+            vllm_config.scheduler_config.disable_chunked_mm_input = True
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return None
+
+
+def register() -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from model_plugins.configs import TCLlavaConfig
+
+    AutoConfig.register(TCLlavaConfig.model_type, TCLlavaConfig, exist_ok=True)
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch, (_, target) in ARCHITECTURES.items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, target)
+
+    # Private in vLLM 0.32 (vllm/model_executor/models/config.py); the model also
+    # refuses to start if the setting did not take.
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    for arch in ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(arch, WholeItemScheduling)

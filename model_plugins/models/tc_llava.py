@@ -1,0 +1,391 @@
+"""TC-LLaVA (arXiv 2409.03206) for vLLM: LLaVA-1.5 with temporal-aware dual RoPE and
+a frame-wise block-causal mask inside the LLM (DESIGN 3.1).
+
+- Processor: decoded ``uint8`` frames -> CLIP pixels; ``<video>`` expands to F*m
+  tokens, ``<image>`` to m (an image is a 1-frame video); any number of each.
+- Vision: vLLM's CLIP tower (penultimate layer, CLS dropped) + LLaVA projector,
+  optional per-frame average pooling.
+- LLM: vLLM's Llama with our attention: rotary position p' = row0 + gamma * row1
+  from rows ``(n, t_n + Delta, n)`` (multi-row position plumbing), and a per-layer
+  attention backend that splits each item's bidirectional range into frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BatchFeature
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsMRoPE,
+    SupportsMultiModal,
+)
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
+
+from model_plugins.configs import TCLlavaConfig
+from model_plugins.layers.temporal import VisualSpan, rope_inv_freq, shifted_position_rows
+from model_plugins.preprocess import (
+    InvalidMediaError,
+    as_frames,
+    clip_preprocess,
+    load_image_processor_config,
+)
+
+# ----------------------------------------------------------------------------------------
+# Multimodal processing (front-end process)
+# ----------------------------------------------------------------------------------------
+
+
+class TCLlavaProcessingInfo(BaseProcessingInfo):
+    def get_hf_config(self) -> TCLlavaConfig:
+        return self.ctx.get_hf_config(TCLlavaConfig)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None, "video": None}
+
+    def get_image_processor_config(self):
+        cfg = self.get_hf_config()
+        return load_image_processor_config(self.ctx.model_config.model, cfg.vision_config.image_size)
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        cfg = self.get_hf_config()
+        return {"image": cfg.tokens_per_frame, "video": cfg.tokens_per_frame * cfg.max_frames}
+
+
+class TCLlavaDummyInputsBuilder(BaseDummyInputsBuilder[TCLlavaProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        cfg = self.info.get_hf_config()
+        size = cfg.vision_config.image_size
+        options = mm_options or {}
+        return {
+            "image": self._get_dummy_images(
+                width=size, height=size, num_images=mm_counts.get("image", 0), overrides=options.get("image")
+            ),
+            "video": self._get_dummy_videos(
+                width=size, height=size, num_frames=cfg.max_frames,
+                num_videos=mm_counts.get("video", 0), overrides=options.get("video"),
+            ),
+        }
+
+
+class TCLlavaMultiModalProcessor(BaseMultiModalProcessor[TCLlavaProcessingInfo]):
+    """No HF processor: frames are validated and preprocessed here, in torch."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        cfg = self.info.get_hf_config()
+        ipc = self.info.get_image_processor_config()
+        out: dict[str, torch.Tensor] = {}
+        images = hf_data.get("images") or []
+        if images:
+            out["pixel_values"] = torch.cat([clip_preprocess(as_frames(im, what="image"), ipc) for im in images])
+        videos = hf_data.get("videos") or []
+        if videos:
+            pixels, counts = [], []
+            for i, video in enumerate(videos):
+                frames = as_frames(video, what=f"video {i}")
+                if frames.shape[0] > cfg.max_frames:
+                    raise InvalidMediaError(
+                        f"video {i} has {frames.shape[0]} frames; this model takes at most "
+                        f"{cfg.max_frames} (max_frames in config.json)"
+                    )
+                pixels.append(clip_preprocess(frames, ipc))
+                counts.append(frames.shape[0])
+            out["pixel_values_videos"] = torch.cat(pixels)
+            out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
+        return BatchFeature(out)
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
+        return dict(
+            pixel_values=MultiModalFieldConfig.batched("image"),
+            pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
+            video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+        )
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptUpdate]:
+        cfg = self.info.get_hf_config()
+        m = cfg.tokens_per_frame
+
+        def video_tokens(item_idx: int) -> list[int]:
+            frames = int(out_mm_kwargs["video"][item_idx]["video_num_frames"].data)
+            return [cfg.video_token_index] * (frames * m)
+
+        return [
+            PromptReplacement(modality="image", target=[cfg.image_token_index],
+                              replacement=[cfg.image_token_index] * m),
+            PromptReplacement(modality="video", target=[cfg.video_token_index], replacement=video_tokens),
+        ]
+
+
+# ----------------------------------------------------------------------------------------
+# Language model: Llama with TC-LLaVA attention (worker process)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemporalSettings:
+    gamma: float
+    frame_block_mask: bool
+
+
+def frame_block_backend(settings: TemporalSettings):
+    """Per-layer attention backend: only this model's layers get the frame mask."""
+    if not settings.frame_block_mask:
+        return None  # plain causal: the platform's default backend
+    if current_platform.is_cpu():
+        from model_plugins.layers.cpu_frame_block_attention import CPUFrameBlockAttentionBackend
+
+        return CPUFrameBlockAttentionBackend
+    if current_platform.is_cuda_alike():
+        from model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockAttentionBackend
+
+        return TritonFrameBlockAttentionBackend
+    raise NotImplementedError(f"frame_block_mask is not implemented on {current_platform.device_name}")
+
+
+class TemporalRotaryEmbedding(nn.Module):
+    """Rotate-half RoPE at p' = row0 + gamma * row1 (angles in float64, applied in fp32)."""
+
+    def __init__(self, head_dim: int, theta: float, gamma: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.gamma = gamma
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if positions.ndim != 2:
+            raise RuntimeError("TC-LLaVA needs multi-row positions (n, t_n + Delta, n)")
+        p = positions[0].double() + self.gamma * positions[1].double()
+        angles = p[:, None] * self.inv_freq.to(device=p.device)[None, :]
+        cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(x.shape[0], -1, self.head_dim)
+            x1, x2 = x.float().chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            return out.to(q.dtype).flatten(1)
+
+        return rotate(q), rotate(k)
+
+
+class TCLlavaAttention(nn.Module):
+    """Llama attention (same weight names) with TC-LLaVA's rotary and mask."""
+
+    def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int,
+                 max_position_embeddings: int = 8192, quant_config=None, bias: bool = False,
+                 bias_o_proj: bool = False, cache_config=None, prefix: str = "",
+                 attn_type: str = "decoder", *, temporal: TemporalSettings) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(hidden_size, self.head_dim, num_heads, num_kv_heads, bias=bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, bias=bias_o_proj,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"TC-LLaVA supports the default RoPE only, got {rope.get('rope_type')}")
+        self.rotary_emb = TemporalRotaryEmbedding(self.head_dim, float(rope.get("rope_theta", 10000.0)),
+                                                  temporal.gamma)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+                              cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
+                              attn_type=attn_type, attn_backend=frame_block_backend(temporal))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class TCLlavaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", *, temporal: TemporalSettings):
+        super().__init__(vllm_config, prefix, attn_layer_type=partial(TCLlavaAttention, temporal=temporal))
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
+class TCLlavaLlamaModel(LlamaModel):
+    """LlamaModel compiled with (3, N) positions (dynamic on the token dim)."""
+
+
+class TCLlavaLlamaForCausalLM(LlamaForCausalLM):
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=LlamaDecoderLayer):
+        return TCLlavaLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+# (vLLM's llava.py is not imported: it pulls in Pixtral's image processor, which needs
+# torchvision, absent from the CPU stack.)
+
+
+class LlavaProjector(nn.Module):
+    """LLaVA-1.5's 2-layer MLP (``multi_modal_projector.linear_{1,2}``)."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool, quant_config, prefix: str):
+        super().__init__()
+        self.linear_1 = ColumnParallelLinear(vision_hidden, text_hidden, bias=bias, quant_config=quant_config,
+                                             prefix=f"{prefix}.linear_1")
+        self.act = get_act_fn(act)
+        self.linear_2 = RowParallelLinear(text_hidden, text_hidden, bias=bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.linear_2")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.linear_1(x)
+        x, _ = self.linear_2(self.act(x))
+        return x
+
+
+def vision_layers_needed(config: TCLlavaConfig) -> int:
+    """Encoder layers up to the selected feature layer (e.g. -2 of 24 -> 23)."""
+    layer, total = config.vision_feature_layer, config.vision_config.num_hidden_layers
+    if not isinstance(layer, int):
+        raise NotImplementedError("TC-LLaVA takes a single vision_feature_layer")
+    return layer + total + 1 if layer < 0 else layer
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TCLlavaMultiModalProcessor, info=TCLlavaProcessingInfo, dummy_inputs=TCLlavaDummyInputsBuilder
+)
+class TCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    # checkpoints saved by transformers >= 4.52 nest everything under "model."
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            "model.language_model.": "language_model.model.",
+            "model.vision_tower.": "vision_tower.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+            "lm_head.": "language_model.lm_head.",
+        }
+    )
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<image>"
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError(f"TC-LLaVA takes images and videos, not {modality}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config: TCLlavaConfig = vllm_config.model_config.hf_config
+        self.config = config
+        if config.frame_block_mask and not vllm_config.scheduler_config.disable_chunked_mm_input:
+            raise RuntimeError(
+                "TC-LLaVA's frame-wise mask needs whole-video scheduling "
+                "(scheduler disable_chunked_mm_input=True); the framewise plugin sets it "
+                "unless its registration failed -- run `framewise selfcheck`"
+            )
+        quant_config = vllm_config.quant_config
+        self.configure_mm_token_handling(
+            vocab_size=config.text_config.vocab_size,
+            mm_token_ids=[config.image_token_index, config.video_token_index],
+        )
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
+            self.vision_tower = CLIPVisionModel(
+                config.vision_config, quant_config, num_hidden_layers_override=vision_layers_needed(config),
+                require_post_norm=False, prefix=maybe_prefix(prefix, "vision_tower"),
+            )
+            self.multi_modal_projector = LlavaProjector(
+                config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act,
+                config.multimodal_projector_bias, quant_config, maybe_prefix(prefix, "multi_modal_projector"),
+            )
+        temporal = TemporalSettings(float(config.temporal_rope_gamma), bool(config.frame_block_mask))
+        with self._mark_language_model(vllm_config):
+            self.language_model = TCLlavaLlamaForCausalLM(
+                vllm_config=vllm_config.with_hf_config(config.text_config, architectures=["LlamaForCausalLM"]),
+                prefix=maybe_prefix(prefix, "language_model"),
+                layer_type=partial(TCLlavaDecoderLayer, temporal=temporal),
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    # ---- vision ----------------------------------------------------------------------
+    def _encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(T, 3, S, S)`` -> ``(T, m, hidden)``."""
+        feats = self.vision_tower(pixels.to(self.vision_tower.dtype),
+                                  feature_select_strategy=self.config.vision_feature_select_strategy)
+        emb = self.multi_modal_projector(feats)
+        p = self.config.frame_pooling
+        if p > 1:
+            t, g = emb.shape[0], self.config.grid_size
+            grid = emb.view(t, g, g, -1).permute(0, 3, 1, 2)
+            emb = F.avg_pool2d(grid, p).flatten(2).transpose(1, 2)
+        return emb
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        embeddings: list[torch.Tensor] = []
+        for key in list(kwargs):  # keep the modality order vLLM passed
+            if key == "pixel_values":
+                pixels = kwargs[key]
+                pixels = torch.cat(list(pixels)) if isinstance(pixels, (list, tuple)) else pixels
+                embeddings.extend(self._encode_frames(pixels.flatten(0, -4)).unbind(0))
+            elif key == "pixel_values_videos":
+                pixels = kwargs[key]
+                if isinstance(pixels, (list, tuple)):
+                    videos = list(pixels)
+                else:
+                    sizes = torch.as_tensor(kwargs["video_num_frames"]).flatten().tolist()
+                    videos = list(torch.split(pixels, sizes))
+                emb = self._encode_frames(torch.cat(videos))
+                embeddings.extend(e.flatten(0, 1) for e in torch.split(emb, [v.shape[0] for v in videos]))
+        return embeddings
+
+    # ---- dual RoPE positions -----------------------------------------------------------
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        m = self.config.tokens_per_frame
+        spans = []
+        for feature in mm_features:
+            for start, end in feature.mm_position.extract_embeds_range():
+                spans.append(VisualSpan(start, (end - start + 1) // m, m))
+        return shifted_position_rows(len(input_tokens), spans), 0
+
+    # ---- LM ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor | IntermediateTensors:
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -1,0 +1,153 @@
+"""Frame validation and CLIP-style preprocessing, in torch (no torchvision).
+
+The contract for media handed to the models: a video is ``uint8`` RGB frames
+``(T, H, W, 3)`` (numpy array or torch tensor, or a list of ``(H, W, 3)`` frames /
+PIL images); an image is one such frame. Anything else is rejected here with a
+message that says what was wrong, before a request reaches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class InvalidMediaError(ValueError):
+    """Frames that a model cannot take (empty, wrong dtype/shape, too many)."""
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """The subset of a ``CLIPImageProcessor`` ``preprocessor_config.json`` that matters."""
+
+    shortest_edge: int
+    crop_size: int
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_normalize: bool = True
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_dict(cls, d: dict, default_size: int) -> ImageProcessorConfig:
+        size = d.get("size", {"shortest_edge": default_size})
+        edge = size.get("shortest_edge", size.get("height", default_size)) if isinstance(size, dict) else size
+        crop = d.get("crop_size", {"height": edge})
+        crop = crop.get("height", edge) if isinstance(crop, dict) else crop
+        return cls(
+            shortest_edge=int(edge),
+            crop_size=int(crop),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+            do_resize=bool(d.get("do_resize", True)),
+            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_normalize=bool(d.get("do_normalize", True)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": "LlavaProcessor",
+            "do_resize": self.do_resize,
+            "size": {"shortest_edge": self.shortest_edge},
+            "resample": 3,  # PIL bicubic
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": True,
+        }
+
+
+@lru_cache(maxsize=16)
+def load_image_processor_config(model_dir: str, default_size: int) -> ImageProcessorConfig:
+    """Read ``preprocessor_config.json`` from a local checkpoint (defaults when absent)."""
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        try:  # a hub id already in the local cache (HF_HUB_OFFLINE)
+            from transformers.utils import cached_file
+
+            path = cached_file(model_dir, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        except Exception:
+            path = None
+    if not path or not os.path.isfile(path):
+        return ImageProcessorConfig(shortest_edge=default_size, crop_size=default_size)
+    with open(path) as f:
+        return ImageProcessorConfig.from_dict(json.load(f), default_size)
+
+
+def as_frames(media: object, *, what: str = "video") -> torch.Tensor:
+    """Validate one video (or image) and return ``uint8`` frames ``(T, H, W, 3)``."""
+    if isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], dict):
+        media = media[0]  # (frames, metadata) as produced by video loaders
+    if isinstance(media, (list, tuple)):
+        if len(media) == 0:
+            raise InvalidMediaError(f"{what} has zero frames")
+        media = np.stack([np.asarray(f) for f in media])
+    if hasattr(media, "convert") and hasattr(media, "size"):  # PIL image
+        media = np.asarray(media.convert("RGB"))[None]
+    if isinstance(media, np.ndarray):
+        if media.dtype != np.uint8:
+            raise InvalidMediaError(f"{what} frames must be uint8 RGB (0-255), got dtype {media.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(media))
+    elif isinstance(media, torch.Tensor):
+        if media.dtype != torch.uint8:
+            raise InvalidMediaError(f"{what} frames must be uint8 RGB (0-255), got dtype {media.dtype}")
+        t = media
+    else:
+        raise InvalidMediaError(f"{what} must be uint8 frames (T, H, W, 3), got {type(media).__name__}")
+    if t.ndim == 3 and what == "image":
+        t = t[None]
+    if t.ndim != 4:
+        raise InvalidMediaError(f"{what} frames must have shape (T, H, W, 3), got {tuple(t.shape)}")
+    if t.shape[-1] != 3 and t.shape[1] == 3:
+        t = t.permute(0, 2, 3, 1)  # (T, 3, H, W) -> (T, H, W, 3)
+    if t.shape[-1] != 3:
+        raise InvalidMediaError(f"{what} frames must be RGB with shape (T, H, W, 3), got {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise InvalidMediaError(f"{what} has zero frames")
+    if t.shape[1] < 1 or t.shape[2] < 1:
+        raise InvalidMediaError(f"{what} frames are empty: shape {tuple(t.shape)}")
+    return t
+
+
+def clip_preprocess(frames: torch.Tensor, cfg: ImageProcessorConfig) -> torch.Tensor:
+    """CLIPImageProcessor semantics: shortest edge -> resize (bicubic, antialiased),
+    center crop, rescale, normalize. ``(T, H, W, 3) uint8`` -> ``(T, 3, S, S) float32``."""
+    x = frames.permute(0, 3, 1, 2).float()
+    if cfg.do_resize:
+        h, w = x.shape[-2:]
+        scale = cfg.shortest_edge / min(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp(0, 255).round()  # PIL resizes in uint8
+    if cfg.do_center_crop:
+        h, w = x.shape[-2:]
+        c = cfg.crop_size
+        if h < c or w < c:  # pad like PIL's center crop does
+            ph, pw = max(0, c - h), max(0, c - w)
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            h, w = x.shape[-2:]
+        top, left = (h - c) // 2, (w - c) // 2
+        x = x[..., top : top + c, left : left + c]
+    x = x * cfg.rescale_factor
+    if cfg.do_normalize:
+        mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x.contiguous()

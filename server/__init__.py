@@ -1,0 +1,1 @@
+"""Framewise gateway and command line."""
