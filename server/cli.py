@@ -1,2 +1,125 @@
-def main():
-    raise SystemExit("placeholder")
+"""``framewise`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = Path(".cache/models/tc-llava-demo")
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from model_plugins.reference.demo_checkpoint import write_demo_checkpoint
+
+    out = write_demo_checkpoint(args.arch, args.out, seed=args.seed)
+    print(f"wrote a tiny random {args.arch} checkpoint to {out}")
+    return 0
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from model_plugins.selfcheck import PluginSelfCheckError, check_plugin
+
+    try:
+        archs = check_plugin()
+    except PluginSelfCheckError as e:
+        print(f"framewise selfcheck FAILED: {e}", file=sys.stderr)
+        return 1
+    print("framewise vLLM plugin OK; architectures: " + ", ".join(archs))
+    return 0
+
+
+def cmd_convert_llava(args: argparse.Namespace) -> int:
+    from model_plugins.convert import llava_to_tc_llava
+
+    out = llava_to_tc_llava(args.src, args.out, gamma=args.gamma, frame_block_mask=not args.no_frame_mask,
+                            frame_pooling=args.frame_pooling, num_frames=args.num_frames,
+                            max_frames=args.max_frames)
+    print(f"wrote TC-LLaVA checkpoint {out} (weights linked from {args.src})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Offline engine demo: sample a real video file, ask the model about it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import SamplingParams
+
+    from model_plugins.engine import create_llm
+    from server.video.decode import sample_frames
+    from server.video.synth import write_clip
+
+    model = str(args.model)
+    if not Path(model, "config.json").is_file():
+        print(f"no checkpoint at {model}; run `framewise demo-model --arch tc-llava --out {model}`", file=sys.stderr)
+        return 2
+    video = args.video
+    if video is None:
+        video = str(Path(model).parent / "demo-clip.mp4")
+        if not Path(video).is_file():
+            write_clip(video, frames=96, fps=24, width=320, height=240)
+    llm = create_llm(model, max_model_len=4096)
+    config = AutoConfig.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    num_frames = args.frames or config.num_frames
+    t0 = time.perf_counter()
+    frames = sample_frames(video, num_frames)
+    decode_ms = (time.perf_counter() - t0) * 1000
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    t0 = time.perf_counter()
+    [out] = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": frames}}], params, use_tqdm=False)
+    gen_ms = (time.perf_counter() - t0) * 1000
+    print(json.dumps({
+        "model": model, "video": video, "frames": int(frames.shape[0]), "frame_size": list(frames.shape[1:3]),
+        "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.outputs[0].token_ids),
+        "decode_ms": round(decode_ms, 1), "generate_ms": round(gen_ms, 1), "answer": out.outputs[0].text,
+    }, indent=2))
+    sys.stdout.flush()
+    os._exit(0)  # skip vLLM's engine teardown at interpreter exit (can abort on CPU)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="framewise", description="Serve video LLMs on vLLM.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-model", help="write a tiny random checkpoint in the real layout")
+    p.add_argument("--arch", required=True, choices=["tc-llava"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("selfcheck", help="verify the vLLM plugin registers and its models import")
+    p.set_defaults(func=cmd_selfcheck)
+
+    p = sub.add_parser("convert-llava", help="make a llava-hf checkpoint servable as TC-LLaVA")
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--gamma", type=float, default=1.0, help="temporal_rope_gamma (0 = plain RoPE)")
+    p.add_argument("--no-frame-mask", action="store_true", help="plain causal attention")
+    p.add_argument("--frame-pooling", type=int, default=1, help="per-frame average pooling stride (2 = 2x2)")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--max-frames", type=int, default=32)
+    p.set_defaults(func=cmd_convert_llava)
+
+    p = sub.add_parser("demo", help="offline engine demo: answer a question about a video file")
+    p.add_argument("--model", default=str(DEFAULT_DEMO_DIR))
+    p.add_argument("--video", help="video file (default: a generated clip)")
+    p.add_argument("--frames", type=int, help="frames to sample (default: the model's num_frames)")
+    p.add_argument("--question", default="What happens in this video?")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

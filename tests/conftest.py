@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ class EngineHandle:
         address = os.path.join(self._dir, "sock")
         key = secrets.token_bytes(16)
         listener = Listener(address, authkey=key)
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the engine
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "engine_server.py"), "--address", address,
              "--authkey", key.hex(), "--model", model, "--engine-args", json.dumps(engine_args)],
@@ -60,19 +61,13 @@ class EngineHandle:
         return msg[1]
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.conn.send(("stop",))
-        except Exception:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
         # the whole process group: engine core and multiprocessing helpers included
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.log.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -46,8 +46,11 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with ``<image>``/``<video>`` and a chat template."""
+def build_tokenizer(vocab_size: int = 512, *, video_token: bool = True):
+    """A byte-level BPE tokenizer with ``<image>``/``<video>`` and a chat template.
+
+    ``video_token=False`` gives an image-only llava-hf style tokenizer (tests of the converter).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,7 +59,7 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if video_token else [t for t in SPECIAL_TOKENS if t != "<video>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -67,7 +70,7 @@ def build_tokenizer(vocab_size: int = 512):
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens={"image_token": "<image>", **({"video_token": "<video>"} if video_token else {})},
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -91,10 +94,10 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def tc_llava_config(tokenizer, **overrides):
+def tc_llava_config(tokenizer, *, vocab_size: int | None = None, **overrides):
     from model_plugins.configs import TCLlavaConfig
 
-    vocab = len(tokenizer)
+    vocab = vocab_size or len(tokenizer)
     cfg = dict(
         architectures=["TCLlavaForConditionalGeneration"],
         vision_config=dict(
@@ -111,7 +114,7 @@ def tc_llava_config(tokenizer, **overrides):
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>") if "<video>" in tokenizer.get_vocab() else vocab,
         image_seq_length=16,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
@@ -128,13 +131,14 @@ def tc_llava_config(tokenizer, **overrides):
     return TCLlavaConfig(**cfg)
 
 
-def write_tc_llava(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
+def write_tc_llava(out_dir: str, *, seed: int = 0, video_token: bool = True, vocab_size: int | None = None,
+                   **config_overrides) -> str:
     """Write a tiny random TC-LLaVA checkpoint to ``out_dir`` (atomically) and return it."""
     from model_plugins.preprocess import ImageProcessorConfig
     from model_plugins.reference.tc_llava import TCLlavaReference
 
-    tokenizer = build_tokenizer()
-    config = tc_llava_config(tokenizer, **config_overrides)
+    tokenizer = build_tokenizer(video_token=video_token)
+    config = tc_llava_config(tokenizer, vocab_size=vocab_size, **config_overrides)
     size = config.vision_config.image_size
     ipc = ImageProcessorConfig(shortest_edge=size, crop_size=size)
     torch.manual_seed(seed)

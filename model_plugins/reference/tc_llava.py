@@ -253,10 +253,7 @@ class TCLlavaReference(nn.Module):
         n = embeds.shape[0]
         pos = rotary_positions(n, spans, cfg.temporal_rope_gamma)
         cos, sin = rope_cos_sin(pos.to(embeds.device), self.inv_freq)
-        if cfg.frame_block_mask:
-            mask = frame_block_causal_mask(n, spans)
-        else:
-            mask = torch.ones(n, n, dtype=torch.bool).tril()
+        mask = frame_block_causal_mask(n, spans) if cfg.frame_block_mask else torch.ones(n, n, dtype=torch.bool).tril()
         mask = mask.to(embeds.device)
         lm = self.language_model
         x = embeds.to(lm.lm_head.weight.dtype)

@@ -1,0 +1,151 @@
+"""The ``framewise`` CLI, the plugin self-check and the llava-hf -> TC-LLaVA converter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model_plugins
+from model_plugins.selfcheck import PluginSelfCheckError, check_plugin
+from tests.conftest import ROOT, _engine, random_video
+
+FRAMEWISE = [sys.executable, "-m", "server.cli"]
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run([*FRAMEWISE, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+
+
+def test_plugin_entry_point_registers_the_architecture():
+    assert check_plugin() == ["TCLlavaForConditionalGeneration"]
+    model_plugins.register()  # idempotent
+    from transformers import AutoConfig
+
+    from model_plugins.configs import TCLlavaConfig
+
+    assert AutoConfig.for_model("tc_llava").__class__ is TCLlavaConfig
+
+
+def test_selfcheck_names_the_cause_when_registration_fails(monkeypatch):
+    def broken():
+        raise ImportError("cannot import name 'LlamaConfig'")
+
+    monkeypatch.setattr(model_plugins, "register", broken)
+    with pytest.raises(PluginSelfCheckError, match="failed to register: ImportError: cannot import name 'LlamaConfig'"):
+        check_plugin()
+
+
+def test_selfcheck_cli(tmp_path):
+    ok = run_cli("selfcheck")
+    assert ok.returncode == 0 and "TCLlavaForConditionalGeneration" in ok.stdout
+    excluded = run_cli("selfcheck", env={"VLLM_PLUGINS": "some_other_plugin"})
+    assert excluded.returncode == 1
+    assert "VLLM_PLUGINS='some_other_plugin' excludes 'framewise'" in excluded.stderr
+
+
+def test_demo_model_cli_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "demo"
+    res = run_cli("demo-model", "--arch", "tc-llava", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["TCLlavaForConditionalGeneration"]
+    from model_plugins.reference.tc_llava import TCLlavaReference
+
+    TCLlavaReference.from_pretrained(str(out))
+    bad = run_cli("demo-model", "--arch", "nope", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+# ---- converter ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava_hf_dir(tmp_path_factory):
+    """A llava-hf checkpoint with the keys transformers 4.52-4.57 wrote (``model.*``; 5.x saves
+    the original names again), an image-only tokenizer and a vocabulary padded past the
+    tokenizer, like llava-1.5-7b-hf (32064 rows, 32002 tokens)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    from model_plugins.reference.demo_checkpoint import write_tc_llava
+
+    base = tmp_path_factory.mktemp("ckpt")
+    tc = base / "tc-src"
+    write_tc_llava(str(tc), seed=7, video_token=False, vocab_size=520)
+    raw = json.loads((tc / "config.json").read_text())
+    cfg = LlavaConfig.from_dict({k: v for k, v in raw.items()
+                                 if k not in ("model_type", "architectures", "video_token_index",
+                                              "temporal_rope_gamma", "frame_block_mask", "is_mm_prefix_lm",
+                                              "frame_pooling", "num_frames", "max_frames")})
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    out = base / "llava-hf"
+    LlavaForConditionalGeneration.from_pretrained(tc, config=cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tc).save_pretrained(out)
+    shutil.copy(tc / "preprocessor_config.json", out)
+    renames = {"language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
+               "multi_modal_projector.": "model.multi_modal_projector.", "language_model.lm_head.": "lm_head."}
+    state = load_file(out / "model.safetensors")
+    new = {}
+    for k, v in state.items():
+        prefix = next(p for p in renames if k.startswith(p))
+        new[renames[prefix] + k[len(prefix):]] = v
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_convert_llava_hf_checkpoint(llava_hf_dir, tmp_path):
+    from safetensors import safe_open
+
+    from model_plugins.reference.tc_llava import TCLlavaReference
+
+    with safe_open(llava_hf_dir / "model.safetensors", "pt") as f:
+        assert any(k.startswith("model.language_model.") for k in f.keys())  # noqa: SIM118 - safe_open  # the new layout
+    out = tmp_path / "tc"
+    res = run_cli("convert-llava", "--src", str(llava_hf_dir), "--out", str(out), "--gamma", "0.5")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "tc_llava" and cfg["architectures"] == ["TCLlavaForConditionalGeneration"]
+    assert cfg["video_token_index"] == 512 and cfg["temporal_rope_gamma"] == 0.5 and cfg["frame_block_mask"]
+    assert os.path.samefile(out / "model.safetensors", llava_hf_dir / "model.safetensors")  # linked, not copied
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<video>") == 512
+    assert tok("a <video> b").input_ids.count(512) == 1
+    ref = TCLlavaReference.from_pretrained(str(out))
+    prep = ref.prepare(tok("USER: <video>\nWhat happens? ASSISTANT:").input_ids, videos=[random_video(2, seed=3)])
+    assert torch.isfinite(ref.logits(prep.embeds, prep.spans)).all()
+
+
+def test_converted_checkpoint_in_vllm_matches_reference(llava_hf_dir, tmp_path_factory):
+    """vLLM loads the transformers-saved (``model.*``) weights through the plugin's mapper."""
+    from transformers import AutoTokenizer
+
+    from model_plugins.convert import llava_to_tc_llava
+    from model_plugins.reference.tc_llava import TCLlavaReference
+    from tests.test_vllm_tc_llava import GREEDY, assert_matches_reference, request
+
+    out = llava_to_tc_llava(llava_hf_dir, tmp_path_factory.mktemp("ckpt") / "converted")
+    tok = AutoTokenizer.from_pretrained(out)
+    reference = TCLlavaReference.from_pretrained(str(out))
+    reqs = [request(tok, "USER: <video>\nWhat happens? ASSISTANT:", videos=[random_video(3, seed=5)]),
+            request(tok, "USER: <image>\nWhat is this? ASSISTANT:", images=[random_video(1, seed=6)[0]])]
+    for engine in _engine(out, tmp_path_factory, "converted", enable_prefix_caching=False):
+        results = engine.generate(reqs, GREEDY)
+    for req, result in zip(reqs, results, strict=True):
+        assert_matches_reference(result, reference, req)
+
+
+def test_convert_rejects_other_model_types(tmp_path):
+    src = tmp_path / "qwen"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    res = run_cli("convert-llava", "--src", str(src), "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "not llava-hf" in res.stderr
