@@ -1,13 +1,14 @@
 # Framewise: two commands on a fresh machine.
-#   make serve   set up, make the tiny demo checkpoint if missing, run the engine demo
+#   make serve   set up, make the tiny demo checkpoint if missing, start the gateway on 127.0.0.1:8000
 #   make test    set up, then the whole test suite
+#   make demo    the offline engine demo (one video, one answer, timings)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_MODEL ?= .cache/models/tc-llava-demo
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo-model serve test lint
+.PHONY: setup demo-model serve demo test lint
 setup:
 	@bash scripts/setup.sh
 
@@ -16,6 +17,9 @@ demo-model: setup
 
 serve: demo-model
 	$(BIN)/framewise selfcheck
+	$(BIN)/framewise serve --model $(DEMO_MODEL) $(SERVE_ARGS)
+
+demo: demo-model
 	$(BIN)/framewise demo --model $(DEMO_MODEL)
 
 test: demo-model

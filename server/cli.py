@@ -83,6 +83,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os._exit(0)  # skip vLLM's engine teardown at interpreter exit (can abort on CPU)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible gateway with the engine in-process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in Settings.model_fields and v is not None and k != "api_keys"}
+    if args.api_key:
+        overrides["api_keys"] = args.api_key
+    if args.allowed_media_hosts is not None:
+        overrides["allowed_media_hosts"] = args.allowed_media_hosts
+    settings = Settings(**overrides)
+    if not Path(settings.model, "config.json").is_file():
+        print(f"no checkpoint at {settings.model}; run `framewise demo-model --arch tc-llava --out {settings.model}`",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="framewise", description="Serve video LLMs on vLLM.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -105,6 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=8)
     p.add_argument("--max-frames", type=int, default=32)
     p.set_defaults(func=cmd_convert_llava)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible gateway (flags override FRAMEWISE_* env vars)")
+    p.add_argument("--model")
+    p.add_argument("--served-model-name", dest="served_model_name")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", action="append", help="accepted bearer key (repeatable)")
+    p.add_argument("--max-model-len", type=int, dest="max_model_len")
+    p.add_argument("--max-video-mb", type=float, dest="max_video_mb")
+    p.add_argument("--max-image-mb", type=float, dest="max_image_mb")
+    p.add_argument("--max-upload-mb", type=float, dest="max_upload_mb")
+    p.add_argument("--max-duration-s", type=float, dest="max_duration_s")
+    p.add_argument("--max-pixels", type=int, dest="max_pixels")
+    p.add_argument("--fetch-timeout-s", type=float, dest="fetch_timeout_s")
+    p.add_argument("--decode-timeout-s", type=float, dest="decode_timeout_s")
+    p.add_argument("--decode-workers", type=int, dest="decode_workers")
+    p.add_argument("--max-concurrent-requests", type=int, dest="max_concurrent_requests")
+    p.add_argument("--allowed-media-hosts", dest="allowed_media_hosts",
+                   help="comma list of hosts, host:port or CIDRs that may be fetched even if private")
+    p.add_argument("--allowed-local-media-path", dest="allowed_local_media_path")
+    p.add_argument("--files-dir", dest="files_dir")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="offline engine demo: answer a question about a video file")
     p.add_argument("--model", default=str(DEFAULT_DEMO_DIR))

@@ -1,0 +1,79 @@
+"""vLLM ``AsyncLLM`` in-process (engine core in its own process), plus the model's defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.settings import Settings
+
+
+@dataclass
+class ModelDefaults:
+    """What the gateway needs to know about the served model's video input."""
+
+    num_frames: int
+    max_frames: int
+    shortest_edge: int | None
+    max_model_len: int
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.llm = None
+        self.tokenizer = None
+        self.defaults: ModelDefaults | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.llm is not None and not getattr(self.llm, "errored", False)
+
+    async def start(self) -> None:
+        from model_plugins.selfcheck import check_plugin
+
+        check_plugin()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from model_plugins.preprocess import load_image_processor_config
+
+        s = self.settings
+        args = AsyncEngineArgs(
+            model=s.model,
+            served_model_name=[s.model_name],
+            max_model_len=s.max_model_len,
+            enable_prefix_caching=s.enable_prefix_caching,
+            limit_mm_per_prompt={"video": s.max_videos_per_request, "image": s.max_images_per_request},
+            dtype="float32" if current_platform.is_cpu() else "auto",
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(s.model)
+        cfg = AutoConfig.from_pretrained(s.model)
+        size = getattr(getattr(cfg, "vision_config", None), "image_size", None)
+        edge = load_image_processor_config(s.model, size).shortest_edge if size else None
+        self.defaults = ModelDefaults(
+            num_frames=int(getattr(cfg, "num_frames", 8)),
+            max_frames=int(getattr(cfg, "max_frames", 32)),
+            shortest_edge=edge,
+            max_model_len=s.max_model_len,
+        )
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, prompt: dict, params, request_id: str) -> AsyncIterator:
+        return self.llm.generate(prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(request_id)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None

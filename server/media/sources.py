@@ -1,0 +1,93 @@
+"""Resolve a media URL (http(s), data:, file-<id>, file://) to a local file with its hash."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import APIError
+from server.media.fetch import MediaFetcher
+from server.media.files import FileStore
+
+
+@dataclass
+class LocalMedia:
+    path: str
+    sha256: str
+    size: int
+    fetch_seconds: float
+    temporary: bool  # delete after use
+
+    def release(self) -> None:
+        if self.temporary:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+class MediaResolver:
+    def __init__(self, fetcher: MediaFetcher, files: FileStore, spool_dir: str, allowed_local_path: str | None):
+        self.fetcher, self.files, self.spool_dir = fetcher, files, spool_dir
+        self.allowed_local = Path(allowed_local_path).resolve() if allowed_local_path else None
+
+    async def resolve(self, url: str, max_bytes: int) -> LocalMedia:
+        start = time.perf_counter()
+        if url.startswith("data:"):
+            return await asyncio.to_thread(self._from_data_url, url, max_bytes, start)
+        if url.startswith("file-"):
+            obj, path = self.files.get(url)
+            if obj.bytes > max_bytes:
+                raise APIError(413, "media_too_large", f"{url} is {obj.bytes} bytes; the limit is {max_bytes}",
+                               "messages")
+            return LocalMedia(str(path), obj.sha256, obj.bytes, time.perf_counter() - start, False)
+        if url.startswith("file://"):
+            return await asyncio.to_thread(self._from_local_path, url, max_bytes, start)
+        if url.startswith(("http://", "https://")):
+            got = await self.fetcher.fetch(url, max_bytes)
+            return LocalMedia(got.path, got.sha256, got.size, got.seconds, True)
+        raise APIError(400, "invalid_url", "media URLs must be http(s)://, data:, file-<id> from /v1/files, "
+                       "or an allowed file:// path", "messages")
+
+    def _from_data_url(self, url: str, max_bytes: int, start: float) -> LocalMedia:
+        header, sep, payload = url.partition(",")
+        if not sep or ";base64" not in header:
+            raise APIError(400, "invalid_url", "data URLs must be base64 encoded (data:<mime>;base64,...)",
+                           "messages")
+        if len(payload) * 3 // 4 > max_bytes:
+            raise APIError(413, "media_too_large", f"the data URL exceeds the limit of {max_bytes} bytes", "messages")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "invalid_url", "the data URL is not valid base64", "messages") from None
+        fd, path = tempfile.mkstemp(dir=self.spool_dir, prefix="data-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        return LocalMedia(path, hashlib.sha256(raw).hexdigest(), len(raw), time.perf_counter() - start, True)
+
+    def _from_local_path(self, url: str, max_bytes: int, start: float) -> LocalMedia:
+        if self.allowed_local is None:
+            raise APIError(400, "url_not_allowed", "file:// URLs are disabled (see --allowed-local-media-path)",
+                           "messages")
+        path = Path(url[len("file://"):]).resolve()
+        if not path.is_relative_to(self.allowed_local) or not path.is_file():
+            raise APIError(400, "url_not_allowed", f"{url} is not a file under the allowed media path", "messages")
+        sha, size = _sha256_file(str(path))
+        if size > max_bytes:
+            raise APIError(413, "media_too_large", f"{url} is {size} bytes; the limit is {max_bytes}", "messages")
+        return LocalMedia(str(path), sha, size, time.perf_counter() - start, False)

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the gateway (DESIGN 6), in the app's own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY as VLLM_REGISTRY  # vLLM's engine metrics live in the default one
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("framewise_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.request_seconds = Histogram("framewise_request_seconds", "HTTP request latency", ["route"],
+                                         buckets=LATENCY, registry=r)
+        self.ttft = Histogram("framewise_time_to_first_token_seconds", "Time to first token", buckets=LATENCY,
+                              registry=r)
+        self.prompt_tokens = Counter("framewise_prompt_tokens", "Prompt tokens", registry=r)
+        self.completion_tokens = Counter("framewise_completion_tokens", "Generated tokens", registry=r)
+        self.fetch_bytes = Counter("framewise_fetch_bytes", "Media bytes fetched", registry=r)
+        self.fetch_seconds = Histogram("framewise_fetch_seconds", "Media fetch time", buckets=LATENCY, registry=r)
+        self.decode_seconds = Histogram("framewise_decode_seconds", "Video decode+sample time", buckets=LATENCY,
+                                        registry=r)
+        self.frames_sampled = Counter("framewise_frames_sampled", "Video frames given to the model", registry=r)
+        self.frame_cache_hits = Counter("framewise_frame_cache_hits", "Sampled-frame cache hits", registry=r)
+        self.media_errors = Counter("framewise_media_errors", "Rejected media by code", ["code"], registry=r)
+        self.inflight = Gauge("framewise_requests_in_flight", "Chat requests in flight", registry=r)
+        self.decode_restarts = Gauge("framewise_decode_worker_restarts", "Decode workers replaced", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(VLLM_REGISTRY)

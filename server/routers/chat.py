@@ -1,0 +1,156 @@
+"""``POST /v1/chat/completions`` (streaming and not)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.exceptions import VLLMClientError
+
+from server.completions import (
+    CompletionIds,
+    chunk,
+    completion_body,
+    delta_choice,
+    logprobs_of,
+    prepare,
+    sampling_params,
+    usage_of,
+)
+from server.deps import get_services, require_api_key
+from server.errors import APIError, error_body
+from server.schemas import ChatCompletionRequest
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"], dependencies=[Depends(require_api_key)])
+
+
+class _Slot:
+    """Admission control: a bounded number of chat requests in flight (429 beyond)."""
+
+    def __init__(self, services):
+        s = services
+        if not s.engine.ready:
+            raise APIError(503, "engine_not_ready", "the engine is not ready")
+        if s.inflight >= s.settings.max_concurrent_requests:
+            raise APIError(429, "overloaded", "too many requests in flight; retry later")
+        s.inflight += 1
+        s.metrics.inflight.set(s.inflight)
+        self.services, self.open = s, True
+
+    def release(self) -> None:
+        if self.open:
+            self.open = False
+            self.services.inflight -= 1
+            self.services.metrics.inflight.set(self.services.inflight)
+
+
+def _engine_error(e: Exception) -> APIError:
+    msg = str(e)
+    lowered = msg.lower()
+    if "maximum model length" in lowered or "maximum context length" in lowered or "max_model_len" in lowered:
+        return APIError(400, "context_length_exceeded", msg, "messages")
+    return APIError(400, "invalid_request", msg, "messages")
+
+
+@router.post("/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, services=Depends(get_services)):
+    if body.model != services.settings.model_name:
+        raise APIError(404, "model_not_found", f"the model {body.model!r} does not exist", "model")
+    slot = _Slot(services)
+    try:
+        prepared = await prepare(services, body)
+        params = sampling_params(body, body.stream)
+    except BaseException:
+        slot.release()
+        raise
+    ids = CompletionIds(body.model)
+    request_id = f"{ids.id}-{uuid.uuid4().hex[:8]}"
+    top_k = body.top_logprobs or 0
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(services, slot, prepared, params, request_id, ids, include_usage, top_k),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        final = await _run_until_done(services, request, prepared, params, request_id)
+    finally:
+        slot.release()
+    return JSONResponse(completion_body(ids, final, prepared, top_k))
+
+
+async def _run_until_done(services, request: Request, prepared, params, request_id: str):
+    """Generate to the end; abort the engine request if the client goes away."""
+    start = time.perf_counter()
+    final = None
+
+    async def consume():
+        nonlocal final
+        first = True
+        async for out in services.engine.generate(prepared.prompt, params, request_id):
+            if first:
+                services.metrics.ttft.observe(time.perf_counter() - start)
+                first = False
+            final = out
+
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                await services.engine.abort(request_id)
+                raise APIError(499, "client_disconnected", "the client closed the connection")
+        task.result()
+    except (ValueError, VLLMClientError) as e:  # rejected by vLLM's input processing (prompt too long, bad media)
+        raise _engine_error(e) from None
+    finally:
+        if not task.done():
+            task.cancel()
+    services.metrics.prompt_tokens.inc(len(final.prompt_token_ids))
+    services.metrics.completion_tokens.inc(sum(len(c.token_ids) for c in final.outputs))
+    return final
+
+
+async def _stream(services, slot: _Slot, prepared, params, request_id, ids, include_usage: bool, top_k: int):
+    start = time.perf_counter()
+    finished = False
+    prompt_tokens = completion_tokens = 0
+    started: set[int] = set()
+    try:
+        try:
+            async for out in services.engine.generate(prepared.prompt, params, request_id):
+                if not started:
+                    services.metrics.ttft.observe(time.perf_counter() - start)
+                prompt_tokens = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    if c.index not in started:
+                        started.add(c.index)
+                        yield chunk(ids, [delta_choice(c.index, {"role": "assistant", "content": ""})],
+                                    extra={"framewise": {"media": prepared.media}} if c.index == 0 else None)
+                    completion_tokens += len(c.token_ids)
+                    if c.text or c.token_ids:
+                        yield chunk(ids, [delta_choice(c.index, {"content": c.text},
+                                                       logprobs=logprobs_of(c.token_ids, c.logprobs, top_k))])
+                    if c.finish_reason is not None:
+                        reason = "stop" if c.finish_reason == "abort" else c.finish_reason
+                        yield chunk(ids, [delta_choice(c.index, {}, finish_reason=reason)])
+        except (ValueError, VLLMClientError) as e:
+            err = _engine_error(e)
+            yield f"data: {json.dumps(error_body(err.status, err.code, err.message, err.param))}\n\n"
+            finished = True
+            return
+        if include_usage:
+            yield chunk(ids, [], usage=usage_of(prompt_tokens, completion_tokens, prepared))
+        yield "data: [DONE]\n\n"
+        finished = True
+        services.metrics.prompt_tokens.inc(prompt_tokens)
+        services.metrics.completion_tokens.inc(completion_tokens)
+    finally:
+        slot.release()
+        if not finished:  # client went away mid-stream: free the engine request
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(services.engine.abort(request_id))

@@ -1,0 +1,27 @@
+"""``GET /v1/models``."""
+
+import time
+
+from fastapi import APIRouter, Depends
+
+from server.deps import get_services, require_api_key
+from server.errors import APIError
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+_STARTED = int(time.time())
+
+
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "framewise"}
+
+
+@router.get("")
+async def list_models(services=Depends(get_services)):
+    return {"object": "list", "data": [_model(services.settings.model_name)]}
+
+
+@router.get("/{model_id:path}")
+async def get_model(model_id: str, services=Depends(get_services)):
+    if model_id != services.settings.model_name:
+        raise APIError(404, "model_not_found", f"the model {model_id!r} does not exist", "model")
+    return _model(model_id)

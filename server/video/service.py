@@ -1,0 +1,78 @@
+"""Sampled frames for a request: decode pool + a cache keyed by (content hash, sampling)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from server.video.decode import DecodeLimits, MediaError, SampledVideo, sample_video
+from server.video.pool import DecodePool
+from server.video.sampling import SamplingParams
+
+
+class FrameCache:
+    """LRU of sampled videos bounded by the bytes of their frames."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, SampledVideo] = OrderedDict()
+
+    def get(self, key: tuple) -> SampledVideo | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple, value: SampledVideo) -> None:
+        size = value.frames.nbytes
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            self.bytes -= self._items.pop(key).frames.nbytes
+        self._items[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.frames.nbytes
+
+
+@dataclass
+class VideoResult:
+    video: SampledVideo
+    decode_seconds: float
+    cache_hit: bool
+
+
+class VideoService:
+    def __init__(self, pool: DecodePool, cache: FrameCache, limits: DecodeLimits, decode_timeout_s: float):
+        self.pool, self.cache, self.limits, self.timeout = pool, cache, limits, decode_timeout_s
+
+    async def sample(self, path: str, sha256: str, params: SamplingParams, *, default_frames: int,
+                     max_frames: int, shortest_edge: int | None) -> VideoResult:
+        key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
+        if (hit := self.cache.get(key)) is not None:
+            return VideoResult(hit, 0.0, True)
+        start = time.perf_counter()
+        video = await self.pool.run(sample_video, path, params, default_frames=default_frames, max_frames=max_frames,
+                                    shortest_edge=shortest_edge, limits=self.limits, timeout=self.timeout)
+        self.cache.put(key, video)
+        return VideoResult(video, time.perf_counter() - start, False)
+
+    async def load_image(self, path: str) -> np.ndarray:
+        return await asyncio.to_thread(_load_image, path, self.limits.max_pixels)
+
+
+def _load_image(path: str, max_pixels: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise MediaError("resolution_too_large", f"{im.width}x{im.height} exceeds the limit of "
+                                 f"{max_pixels} pixels", status=413)
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise MediaError("invalid_image", f"not a readable image ({e})") from e

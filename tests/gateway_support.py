@@ -1,0 +1,130 @@
+"""A real ``framewise serve`` subprocess and a local media HTTP server for gateway tests.
+
+Every address used is on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MediaServer:
+    """Serves files from ``root`` plus test routes:
+    ``/slow`` (answers after 30 s), ``/big`` (an endless body), ``/redirect?to=URL``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        outer = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(outer.root), **kw)
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if self.path.startswith("/slow"):
+                    time.sleep(30)
+                    return super().do_GET()
+                if self.path.startswith("/big"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "video/mp4")
+                    self.end_headers()
+                    try:
+                        for _ in range(4096):  # 256 MiB at most
+                            self.wfile.write(b"\0" * 65536)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return None
+                if self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.end_headers()
+                    return None
+                return super().do_GET()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Gateway:
+    def __init__(self, model: Path, workdir: Path, *, api_key: str, allowed_hosts: str, env: dict | None = None,
+                 args: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self.log_path = workdir / "gateway.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
+               "--api-key", api_key, "--files-dir", str(workdir / "files"), "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "FRAMEWISE_ALLOWED_MEDIA_HOSTS": allowed_hosts, "VLLM_CPU_KVCACHE_SPACE": "1",
+                 **(env or {})},
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.close()
+        raise RuntimeError(f"gateway not ready after 240 s; log: {self.log_path}")
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()

@@ -1,0 +1,251 @@
+"""The OpenAI-compatible gateway: a real ``framewise serve`` (vLLM engine, demo checkpoint) on a free
+port, driven by the official ``openai`` SDK and plain HTTP; media served from 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import json
+import os
+import time
+
+import httpx
+import openai
+import pytest
+
+from server.video.synth import write_clip
+from tests.gateway_support import Gateway, MediaServer
+
+pytestmark = pytest.mark.engine
+
+MODEL = "tc-llava"
+KEY = "sk-test-framewise"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    write_clip(str(d / "h264.mp4"), frames=48, fps=24)
+    write_clip(str(d / "vp9.webm"), frames=48, fps=24, codec="libvpx-vp9")
+    write_clip(str(d / "mpeg4.avi"), frames=48, fps=24, codec="mpeg4")
+    write_clip(str(d / "audio.mkv"), frames=48, fps=24, audio=True)
+    write_clip(str(d / "vfr.mp4"), frames=6, fps=10, frame_times=[0, 0.1, 0.15, 0.6, 1.5, 1.9])
+    write_clip(str(d / "one.mp4"), frames=1)
+    write_clip(str(d / "odd.mp4"), frames=12, width=97, height=61, pix_fmt="yuv444p")
+    write_clip(str(d / "tenhours.mp4"), frames=2, frame_times=[0.0, 36000.0])
+    write_clip(str(d / "huge.mp4"), frames=1, width=16000, height=16000)
+    full = (d / "h264.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(full[: len(full) // 3])
+    (d / "zero.mp4").write_bytes(b"")
+    (d / "random.mp4").write_bytes(os.urandom(20000))
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(d / "picture.png")
+    (d / "picture_as_video.mp4").write_bytes((d / "picture.png").read_bytes())
+    server = MediaServer(d)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tc_llava_dir, media, tmp_path_factory):
+    gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("gateway"), api_key=KEY,
+                 allowed_hosts=f"127.0.0.1:{media.port}",
+                 args=("--served-model-name", MODEL, "--max-video-mb", "4", "--fetch-timeout-s", "3",
+                       "--max-duration-s", "3600"))
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def video_message(url: str, text: str = "What happens in this video?", **sampling) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, **sampling}},
+                                         {"type": "text", "text": text}]}]
+
+
+def post(gateway, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, headers=gateway.headers, timeout=60, **kw)
+
+
+# ---- the happy paths through the SDK -------------------------------------------------------
+
+
+def test_models_health_and_auth(gateway, client):
+    assert httpx.get(f"{gateway.base_url}/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    r = httpx.get(f"{gateway.base_url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_non_streaming_http_video(client, media):
+    r = client.chat.completions.create(model=MODEL, messages=video_message(media.url("h264.mp4"), num_frames=4),
+                                       max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].finish_reason in ("length", "stop")
+    assert isinstance(r.choices[0].message.content, str) and 1 <= r.usage.completion_tokens <= 8
+    # 4 frames x 16 tokens are part of the prompt
+    assert r.usage.prompt_tokens > 64 and r.usage.model_extra["video_frames"] == 4
+    [video] = r.model_extra["framewise"]["media"]
+    assert video["frames"] == 4 and video["timestamps"] == pytest.approx([0.25, 0.75, 1.25, 1.75], abs=1e-3)
+    assert video["fetch_ms"] >= 0 and video["decode_ms"] > 0
+
+
+def test_streaming_matches_non_streaming(client, media):
+    kwargs = dict(model=MODEL, messages=video_message(media.url("vp9.webm")), max_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_data_url_and_uploaded_file(client, media, gateway):
+    raw = httpx.get(media.url("h264.mp4")).content
+    data_url = "data:video/mp4;base64," + base64.b64encode(raw).decode()
+    r1 = client.chat.completions.create(model=MODEL, messages=video_message(data_url, num_frames=2), max_tokens=4,
+                                        temperature=0)
+    uploaded = client.files.create(file=("clip.mp4", raw, "video/mp4"), purpose="vision")
+    assert uploaded.id.startswith("file-") and uploaded.bytes == len(raw)
+    assert client.files.retrieve(uploaded.id).filename == "clip.mp4"
+    r2 = client.chat.completions.create(model=MODEL, messages=video_message(uploaded.id, num_frames=2), max_tokens=4,
+                                        temperature=0)
+    assert r1.choices[0].message.content == r2.choices[0].message.content  # same frames, same answer
+    assert r2.model_extra["framewise"]["media"][0]["cache_hit"]  # same content hash: decode skipped
+    assert client.files.delete(uploaded.id).deleted
+    r = post(gateway, {"model": MODEL, "messages": video_message(uploaded.id), "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found"
+
+
+@pytest.mark.parametrize("name, frames", [("h264.mp4", 4), ("vp9.webm", 4), ("mpeg4.avi", 4), ("audio.mkv", 4),
+                                          ("vfr.mp4", 4), ("one.mp4", 1), ("odd.mp4", 4)])
+def test_formats(client, media, name, frames):
+    r = client.chat.completions.create(model=MODEL, messages=video_message(media.url(name), num_frames=4),
+                                       max_tokens=2)
+    assert r.model_extra["framewise"]["media"][0]["frames"] == frames
+
+
+def test_sampling_controls_are_reported(client, media):
+    def stamps(**sampling):
+        r = client.chat.completions.create(model=MODEL, messages=video_message(media.url("h264.mp4"), **sampling),
+                                           max_tokens=1)
+        return r.model_extra["framewise"]["media"][0]["timestamps"]
+
+    assert stamps(fps=2) == pytest.approx([6 / 24, 18 / 24, 30 / 24, 42 / 24], abs=1e-3)
+    assert stamps(num_frames=4, start=0.5, end=1.5) == pytest.approx([15 / 24, 21 / 24, 27 / 24, 33 / 24], abs=1e-3)
+    assert len(stamps()) == 8  # the model's default (num_frames in config.json)
+
+
+# ---- bad input: right status and code, and the server keeps serving -------------------------
+
+
+BAD = [
+    ("zero.mp4", 400, "invalid_video"),
+    ("truncated.mp4", 400, "invalid_video"),
+    ("random.mp4", 400, "invalid_video"),
+    ("picture_as_video.mp4", 400, "invalid_video"),
+    ("huge.mp4", 413, "resolution_too_large"),
+    ("tenhours.mp4", 413, "video_too_long"),
+    ("big", 413, "media_too_large"),
+    ("slow", 504, "fetch_timeout"),
+]
+
+
+@pytest.mark.parametrize("name, status, code", BAD, ids=[b[0] for b in BAD])
+def test_bad_video(gateway, media, name, status, code):
+    r = post(gateway, {"model": MODEL, "messages": video_message(media.url(name)), "max_tokens": 2})
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    ok = post(gateway, {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=2),
+                        "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_ssrf_only_the_allow_listed_loopback_port(gateway, media):
+    refused = [f"http://127.0.0.2:{media.port}/h264.mp4",  # another loopback address
+               f"http://127.0.0.1:{gateway.port}/health",  # another port on the allowed host
+               media.url(f"redirect?to=http://127.0.0.2:{media.port}/h264.mp4"),  # redirect to a refused one
+               f"http://localhost:{gateway.port}/health"]  # a name resolving to a refused address
+    for url in refused:
+        r = post(gateway, {"model": MODEL, "messages": video_message(url), "max_tokens": 2})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "url_not_allowed"), url
+    r = post(gateway, {"model": MODEL, "max_tokens": 2,
+                       "messages": video_message(media.url(f"redirect?to={media.url('h264.mp4')}"), num_frames=2)})
+    assert r.status_code == 200  # a redirect within the allow-list is followed
+
+
+def test_invalid_requests(gateway, media):
+    cases = [
+        ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+        ({"model": MODEL, "messages": []}, 422, "invalid_parameter"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422,
+         "invalid_parameter"),
+        ({"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=0)}, 422, "invalid_parameter"),
+        ({"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=99)}, 400, "invalid_sampling"),
+        ({"model": MODEL, "messages": video_message("ftp://example.org/v.mp4")}, 400, "invalid_url"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context_length_exceeded"),
+    ]
+    for body, status, code in cases:
+        r = post(gateway, {"max_tokens": 2, **body})
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+
+
+# ---- concurrency, disconnects, metrics -----------------------------------------------------
+
+
+def _metric(gateway, prefix: str) -> float:
+    return sum(v for k, v in gateway.metrics().items() if k.startswith(prefix))
+
+
+def test_concurrent_streams_and_metrics(client, media, gateway):
+    before_requests = _metric(gateway, 'framewise_requests_total{route="/v1/chat/completions",status="200"')
+    before_frames = _metric(gateway, "framewise_frames_sampled_total")
+
+    def one(i: int) -> tuple[str, int]:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=video_message(media.url(["h264.mp4", "vp9.webm"][i % 2]), num_frames=2 + i % 3),
+            max_tokens=16, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert all(1 <= tokens <= 16 for _, tokens in results)
+    assert _metric(gateway, 'framewise_requests_total{route="/v1/chat/completions",status="200"') >= before_requests + 20
+    assert _metric(gateway, "framewise_frames_sampled_total") >= before_frames + sum(2 + i % 3 for i in range(20))
+    assert _metric(gateway, "framewise_time_to_first_token_seconds_count") > 0
+
+
+def test_client_disconnect_aborts_the_engine_request(gateway, media):
+    body = {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=2), "max_tokens": 3000,
+            "stream": True}
+    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=gateway.headers,
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert _metric(gateway, "vllm:num_requests_running") >= 1  # generating 3000 tokens takes far longer
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if _metric(gateway, "vllm:num_requests_running") == 0 and _metric(gateway, "framewise_requests_in_flight") == 0:
+            break
+        time.sleep(0.25)
+    assert _metric(gateway, "vllm:num_requests_running") == 0, "the engine kept generating for a gone client"
+    assert _metric(gateway, "framewise_requests_in_flight") == 0
+
+
+def test_metrics_count_rejections_and_fetches(gateway, media):
+    r = post(gateway, {"model": MODEL, "messages": video_message(media.url("random.mp4")), "max_tokens": 2})
+    assert r.status_code == 400
+    m = gateway.metrics()
+    assert m['framewise_media_errors_total{code="invalid_video"}'] >= 1
+    assert _metric(gateway, "framewise_fetch_bytes_total") > 0
+    assert _metric(gateway, "framewise_decode_seconds_count") > 0
+    assert json.loads(httpx.get(f"{gateway.base_url}/ready").text)["status"] == "ready"
