@@ -136,6 +136,10 @@ def sampling_params(body: ChatCompletionRequest, stream: bool):
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        top_k=body.top_k if body.top_k is not None else 0,
+        min_tokens=body.min_tokens or 0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        ignore_eos=body.ignore_eos,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
 

@@ -73,6 +73,11 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    # vLLM's extensions to the OpenAI schema (the SDK sends them with extra_body)
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _logprobs(self):

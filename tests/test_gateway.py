@@ -52,7 +52,8 @@ def gateway(tc_llava_dir, media, tmp_path_factory):
     gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("gateway"), api_key=KEY,
                  allowed_hosts=f"127.0.0.1:{media.port}",
                  args=("--served-model-name", MODEL, "--max-video-mb", "4", "--fetch-timeout-s", "3",
-                       "--max-duration-s", "3600"))
+                       "--max-duration-s", "3600", "--max-upload-mb", "1",
+                       "--allowed-local-media-path", str(media.root)))
     yield gw
     gw.close()
 
@@ -67,8 +68,8 @@ def video_message(url: str, text: str = "What happens in this video?", **samplin
                                          {"type": "text", "text": text}]}]
 
 
-def post(gateway, body: dict, **kw) -> httpx.Response:
-    return httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, headers=gateway.headers, timeout=60, **kw)
+def post(gateway, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, headers=gateway.headers, timeout=timeout)
 
 
 # ---- the happy paths through the SDK -------------------------------------------------------
@@ -97,13 +98,14 @@ def test_non_streaming_http_video(client, media):
 
 
 def test_streaming_matches_non_streaming(client, media):
-    kwargs = dict(model=MODEL, messages=video_message(media.url("vp9.webm")), max_tokens=12, temperature=0)
+    kwargs = dict(model=MODEL, messages=video_message(media.url("vp9.webm")), max_tokens=12, temperature=0,
+                  extra_body={"ignore_eos": True})
     full = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
@@ -211,34 +213,43 @@ def test_concurrent_streams_and_metrics(client, media, gateway):
     def one(i: int) -> tuple[str, int]:
         stream = client.chat.completions.create(
             model=MODEL, messages=video_message(media.url(["h264.mp4", "vp9.webm"][i % 2]), num_frames=2 + i % 3),
-            max_tokens=16, stream=True, stream_options={"include_usage": True})
+            max_tokens=16, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         chunks = list(stream)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage.completion_tokens
 
     with cf.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(one, range(20)))
-    assert all(1 <= tokens <= 16 for _, tokens in results)
+    assert all(tokens == 16 and text for text, tokens in results)
     assert _metric(gateway, 'framewise_requests_total{route="/v1/chat/completions",status="200"') >= before_requests + 20
     assert _metric(gateway, "framewise_frames_sampled_total") >= before_frames + sum(2 + i % 3 for i in range(20))
     assert _metric(gateway, "framewise_time_to_first_token_seconds_count") > 0
 
 
+GENERATED = "vllm:generation_tokens_total"
+
+
+def _wait_idle(gateway, timeout: float = 15) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _metric(gateway, "vllm:num_requests_running") == 0 and _metric(gateway, "framewise_requests_in_flight") == 0:
+            return
+        time.sleep(0.1)
+
+
 def test_client_disconnect_aborts_the_engine_request(gateway, media):
-    body = {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=2), "max_tokens": 3000,
-            "stream": True}
+    generated = _metric(gateway, GENERATED)
+    body = {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=2), "max_tokens": 3900,
+            "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=gateway.headers,
                       timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert _metric(gateway, "vllm:num_requests_running") >= 1  # generating 3000 tokens takes far longer
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        if _metric(gateway, "vllm:num_requests_running") == 0 and _metric(gateway, "framewise_requests_in_flight") == 0:
-            break
-        time.sleep(0.25)
-    assert _metric(gateway, "vllm:num_requests_running") == 0, "the engine kept generating for a gone client"
+    _wait_idle(gateway)
+    assert _metric(gateway, "vllm:num_requests_running") == 0
     assert _metric(gateway, "framewise_requests_in_flight") == 0
+    # the engine stopped early instead of generating all 3900 tokens (ignore_eos)
+    assert 0 < _metric(gateway, GENERATED) - generated < 3000
 
 
 def test_metrics_count_rejections_and_fetches(gateway, media):
@@ -249,3 +260,69 @@ def test_metrics_count_rejections_and_fetches(gateway, media):
     assert _metric(gateway, "framewise_fetch_bytes_total") > 0
     assert _metric(gateway, "framewise_decode_seconds_count") > 0
     assert json.loads(httpx.get(f"{gateway.base_url}/ready").text)["status"] == "ready"
+
+
+# ---- more of the API surface ---------------------------------------------------------------
+
+
+def test_image_parts(client, media):
+    png = httpx.get(media.url("picture.png")).content
+    for url in (media.url("picture.png"), "data:image/png;base64," + base64.b64encode(png).decode()):
+        r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
+        assert r.model_extra["framewise"]["media"] == [
+            {"type": "image", "width": 64, "height": 48, "fetch_ms": pytest.approx(0, abs=1e4),
+             "decode_ms": pytest.approx(0, abs=1e4)}]
+        assert r.usage.prompt_tokens > 16  # the image's 16 tokens are in the prompt
+
+
+def test_sampling_parameters(client, media):
+    messages = video_message(media.url("h264.mp4"), num_frames=2)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2, temperature=1.0, seed=7,
+                                       logprobs=True, top_logprobs=3)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens <= 10
+    for c in r.choices:
+        assert 1 <= len(c.logprobs.content) <= 5
+        for entry in c.logprobs.content:
+            assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+            assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2, temperature=1.0, seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    text = greedy.choices[0].message.content
+    if len(text) > 2:  # stop at a string the model is known to produce
+        stopped = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 stop=[text[1:3]])
+        assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == text[:1]
+
+
+def test_upload_limits(client, gateway):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.files.create(file=("big.mp4", b"\0" * (1 << 20 | 1), "video/mp4"), purpose="vision")
+    assert e.value.status_code == 413 and e.value.body["code"] == "file_too_large"
+    r = httpx.post(f"{gateway.base_url}/v1/files", headers=gateway.headers, files={"file": ("e.mp4", b"")},
+                   data={"purpose": "vision"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "empty_file"
+    r = httpx.get(f"{gateway.base_url}/v1/files/file-000000000000000000000000", headers=gateway.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found"
+
+
+def test_local_files_only_under_the_allowed_path(gateway, media):
+    ok = post(gateway, {"model": MODEL, "max_tokens": 2,
+                        "messages": video_message(f"file://{media.root}/h264.mp4", num_frames=2)})
+    assert ok.status_code == 200
+    for url in ("file:///etc/passwd", f"file://{media.root}/../gateway0/gateway.log"):
+        r = post(gateway, {"model": MODEL, "max_tokens": 2, "messages": video_message(url)})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "url_not_allowed"), url
+
+
+def test_non_streaming_disconnect_aborts_too(gateway, media):
+    generated = _metric(gateway, GENERATED)
+    body = {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=2), "max_tokens": 3900,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        post(gateway, body, timeout=0.5)
+    _wait_idle(gateway)
+    assert _metric(gateway, "vllm:num_requests_running") == 0
+    assert _metric(gateway, "framewise_requests_in_flight") == 0
+    assert 0 < _metric(gateway, GENERATED) - generated < 3000

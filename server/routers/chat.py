@@ -82,6 +82,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     return JSONResponse(completion_body(ids, final, prepared, top_k))
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns when the ASGI server reports the client disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _run_until_done(services, request: Request, prepared, params, request_id: str):
     """Generate to the end; abort the engine request if the client goes away."""
     start = time.perf_counter()
@@ -97,17 +103,18 @@ async def _run_until_done(services, request: Request, prepared, params, request_
             final = out
 
     task = asyncio.create_task(consume())
+    watcher = asyncio.create_task(_client_gone(request))
     try:
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                await services.engine.abort(request_id)
-                raise APIError(499, "client_disconnected", "the client closed the connection")
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():  # the client went away first: free the engine request
+            task.cancel()
+            await services.engine.abort(request_id)
+            raise APIError(499, "client_disconnected", "the client closed the connection")
         task.result()
     except (ValueError, VLLMClientError) as e:  # rejected by vLLM's input processing (prompt too long, bad media)
         raise _engine_error(e) from None
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
     services.metrics.prompt_tokens.inc(len(final.prompt_token_ids))

@@ -162,6 +162,8 @@ def sample_video(
         keyframes = sorted(float(e.timestamp) * tb - t0 for e in stream.index_entries if e.is_keyframe) \
             if stream.index_entries is not None else []
         width, height = _scaled_size(info.width, info.height, shortest_edge)
+        ctx = stream.codec_context
+        skip_margin = max(SKIP_MARGIN_S, SKIP_MARGIN_FRAMES / (info.frame_rate or 25.0))
 
         frames, stamps = [], []
         decoded = seeks = 0
@@ -197,6 +199,10 @@ def sample_video(
                         pending = f
                         break
                     last, last_time = f, ft
+                    # far from the target, frames nothing else references need not be decoded;
+                    # close to it (beyond any reordering/threading delay) decode everything
+                    ctx.skip_frame = "NONREF" if ft < t - skip_margin else "DEFAULT"
+                ctx.skip_frame = "DEFAULT"
                 chosen = last if last is not None else pending
                 if chosen is None:
                     break  # past the end of a stream that is shorter than its header says
@@ -211,6 +217,11 @@ def sample_video(
 
 
 NO_INDEX_SEEK_GAP_S = 3.0
+# Non-reference frames are skipped until this close to a target: more than B-frame
+# reordering plus frame-threading delay, so every frame that can be on screen at the
+# target is decoded.
+SKIP_MARGIN_FRAMES = 16
+SKIP_MARGIN_S = 0.5
 
 
 def _time(frame, t0: float) -> float:
