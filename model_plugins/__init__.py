@@ -10,6 +10,7 @@ from __future__ import annotations
 # architecture name (config.json "architectures") -> (model_type, "module:Class")
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "TCLlavaForConditionalGeneration": ("tc_llava", "model_plugins.models.tc_llava:TCLlavaForConditionalGeneration"),
+    "VideoCCAM": ("videoccam", "model_plugins.models.video_ccam:VideoCCAMForConditionalGeneration"),
 }
 
 
@@ -35,9 +36,10 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from model_plugins.configs import TCLlavaConfig
+    from model_plugins.configs import TCLlavaConfig, VideoCCAMConfig
 
-    AutoConfig.register(TCLlavaConfig.model_type, TCLlavaConfig, exist_ok=True)
+    for config_cls in (TCLlavaConfig, VideoCCAMConfig):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     supported = set(ModelRegistry.get_supported_archs())
     for arch, (_, target) in ARCHITECTURES.items():
         if arch not in supported:

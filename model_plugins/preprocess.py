@@ -37,10 +37,23 @@ class ImageProcessorConfig:
     do_center_crop: bool = True
     do_normalize: bool = True
     rescale_factor: float = 1 / 255
+    exact_size: int | None = None  # SigLIP: resize to exactly this square, aspect not kept, no crop
+
+    @classmethod
+    def siglip(cls, size: int) -> ImageProcessorConfig:
+        return cls(shortest_edge=size, crop_size=size, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                   do_center_crop=False, exact_size=size)
 
     @classmethod
     def from_dict(cls, d: dict, default_size: int) -> ImageProcessorConfig:
         size = d.get("size", {"shortest_edge": default_size})
+        if isinstance(size, dict) and "shortest_edge" not in size and "height" in size:
+            return cls(shortest_edge=int(size["height"]), crop_size=int(size["height"]),
+                       image_mean=tuple(d.get("image_mean", (0.5, 0.5, 0.5))),
+                       image_std=tuple(d.get("image_std", (0.5, 0.5, 0.5))),
+                       do_resize=bool(d.get("do_resize", True)), do_center_crop=False,
+                       do_normalize=bool(d.get("do_normalize", True)),
+                       rescale_factor=float(d.get("rescale_factor", 1 / 255)), exact_size=int(size["height"]))
         edge = size.get("shortest_edge", size.get("height", default_size)) if isinstance(size, dict) else size
         crop = d.get("crop_size", {"height": edge})
         crop = crop.get("height", edge) if isinstance(crop, dict) else crop
@@ -56,6 +69,13 @@ class ImageProcessorConfig:
         )
 
     def to_dict(self) -> dict:
+        if self.exact_size:
+            return {
+                "image_processor_type": "SiglipImageProcessor", "do_resize": self.do_resize,
+                "size": {"height": self.exact_size, "width": self.exact_size}, "resample": 3, "do_rescale": True,
+                "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std), "do_convert_rgb": True,
+            }
         return {
             "image_processor_type": "CLIPImageProcessor",
             "processor_class": "LlavaProcessor",
@@ -126,10 +146,15 @@ def as_frames(media: object, *, what: str = "video") -> torch.Tensor:
 
 
 def clip_preprocess(frames: torch.Tensor, cfg: ImageProcessorConfig) -> torch.Tensor:
-    """CLIPImageProcessor semantics: shortest edge -> resize (bicubic, antialiased),
-    center crop, rescale, normalize. ``(T, H, W, 3) uint8`` -> ``(T, 3, S, S) float32``."""
+    """CLIP/SigLIP image-processor semantics: resize (bicubic, antialiased) by the shortest edge
+    then center crop (CLIP), or to an exact square (SigLIP); rescale; normalize.
+    ``(T, H, W, 3) uint8`` -> ``(T, 3, S, S) float32``."""
     x = frames.permute(0, 3, 1, 2).float()
-    if cfg.do_resize:
+    if cfg.do_resize and cfg.exact_size:
+        if tuple(x.shape[-2:]) != (cfg.exact_size, cfg.exact_size):
+            x = F.interpolate(x, size=(cfg.exact_size, cfg.exact_size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 255).round()
+    elif cfg.do_resize:
         h, w = x.shape[-2:]
         scale = cfg.shortest_edge / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-model", help="write a tiny random checkpoint in the real layout")
-    p.add_argument("--arch", required=True, choices=["tc-llava"])
+    p.add_argument("--arch", required=True, choices=["tc-llava", "video-ccam"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)

@@ -24,7 +24,7 @@ def run_cli(*args, env=None, cwd=None):
 
 
 def test_plugin_entry_point_registers_the_architecture():
-    assert check_plugin() == ["TCLlavaForConditionalGeneration"]
+    assert check_plugin() == ["TCLlavaForConditionalGeneration", "VideoCCAM"]
     model_plugins.register()  # idempotent
     from transformers import AutoConfig
 

@@ -7,6 +7,7 @@ import base64
 import concurrent.futures as cf
 import json
 import os
+import subprocess
 import time
 
 import httpx
@@ -34,6 +35,8 @@ def media(tmp_path_factory):
     write_clip(str(d / "odd.mp4"), frames=12, width=97, height=61, pix_fmt="yuv444p")
     write_clip(str(d / "tenhours.mp4"), frames=2, frame_times=[0.0, 36000.0])
     write_clip(str(d / "huge.mp4"), frames=1, width=16000, height=16000)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "h264.mp4"), "-c", "copy",
+                    "-metadata:s:v:0", "rotate=90", str(d / "rotated.mp4")], check=True)
     full = (d / "h264.mp4").read_bytes()
     (d / "truncated.mp4").write_bytes(full[: len(full) // 3])
     (d / "zero.mp4").write_bytes(b"")
@@ -127,7 +130,7 @@ def test_data_url_and_uploaded_file(client, media, gateway):
 
 
 @pytest.mark.parametrize("name, frames", [("h264.mp4", 4), ("vp9.webm", 4), ("mpeg4.avi", 4), ("audio.mkv", 4),
-                                          ("vfr.mp4", 4), ("one.mp4", 1), ("odd.mp4", 4)])
+                                          ("vfr.mp4", 4), ("one.mp4", 1), ("odd.mp4", 4), ("rotated.mp4", 4)])
 def test_formats(client, media, name, frames):
     r = client.chat.completions.create(model=MODEL, messages=video_message(media.url(name), num_frames=4),
                                        max_tokens=2)

@@ -1,5 +1,6 @@
 """HF config classes of the Framewise architectures (registered with AutoConfig)."""
 
 from model_plugins.configs.tc_llava import TCLlavaConfig
+from model_plugins.configs.video_ccam import VideoCCAMConfig
 
-__all__ = ["TCLlavaConfig"]
+__all__ = ["TCLlavaConfig", "VideoCCAMConfig"]

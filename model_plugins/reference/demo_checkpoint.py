@@ -144,7 +144,11 @@ def write_tc_llava(out_dir: str, *, seed: int = 0, video_token: bool = True, voc
     torch.manual_seed(seed)
     model = TCLlavaReference(config, ipc)
     init_random_(model, seed)
+    return save_checkpoint(out_dir, config, tokenizer, model, ipc)
 
+
+def save_checkpoint(out_dir: str, config, tokenizer, model: torch.nn.Module, ipc) -> str:
+    """Write config, tokenizer, safetensors, preprocessor and generation config atomically."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
@@ -167,7 +171,53 @@ def write_tc_llava(out_dir: str, *, seed: int = 0, video_token: bool = True, voc
     return out_dir
 
 
-WRITERS = {"tc-llava": write_tc_llava}
+def video_ccam_config(tokenizer, **overrides):
+    from model_plugins.configs import VideoCCAMConfig
+
+    cfg = dict(
+        architectures=["VideoCCAM"],
+        vision_config=dict(
+            model_type="siglip_vision_model", image_size=28, patch_size=14, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=3, num_attention_heads=2, layer_norm_eps=1e-6, vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        ),
+        projector_config=dict(
+            num_query=32, hidden_size=64, cross_hidden_size=64, num_heads=2, num_key_value_heads=2,
+            attention_bias=True, intermediate_size=128, hidden_act="swiglu", mlp_bias=True, layer_norm_eps=1e-5,
+            dropout=0.1, attention_dropout=0.1, output_size=128, query_self_attention=False, output_norm=False,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_select_layer=-2,
+        ccam_mask_rule="start",
+        num_frames=16,
+        max_frames=96,
+        dtype="float32",
+    )
+    cfg.update(overrides)
+    return VideoCCAMConfig(**cfg)
+
+
+def write_video_ccam(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
+    """A tiny random Video-CCAM checkpoint in the v1.2 layout."""
+    from model_plugins.preprocess import ImageProcessorConfig
+    from model_plugins.reference.video_ccam import VideoCCAMReference
+
+    tokenizer = build_tokenizer()
+    config = video_ccam_config(tokenizer, **config_overrides)
+    ipc = ImageProcessorConfig.siglip(config.vision_config.image_size)
+    torch.manual_seed(seed)
+    model = VideoCCAMReference(config, ipc)
+    init_random_(model, seed)
+    return save_checkpoint(out_dir, config, tokenizer, model, ipc)
+
+
+WRITERS = {"tc-llava": write_tc_llava, "video-ccam": write_video_ccam}
 
 
 def write_demo_checkpoint(arch: str, out_dir: str, **overrides) -> str:

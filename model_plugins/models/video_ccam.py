@@ -1,0 +1,205 @@
+"""Video-CCAM (arXiv 2408.14023; v1.2 checkpoints) for vLLM (DESIGN 3.2).
+
+- Processor: decoded ``uint8`` frames -> SigLIP pixels (exact square resize, mean/std 0.5);
+  every ``<image>``/``<video>`` expands to exactly ``num_query`` tokens whatever the frame count.
+- Vision: vLLM's SigLIP tower up to ``vision_select_layer`` (no post-LN, no CLS); the frames
+  of one video are encoded in batches of ``frame_batch_size``.
+- Projector: CCAM (``model_plugins/layers/ccam.py``), one item at a time so items with
+  different frame counts get their own causal cross-attention mask.
+- LLM: a stock vLLM decoder from ``text_config`` (Qwen2 for v1.2-7B; Phi-3 or Llama), 1-D
+  RoPE and causal attention: paged KV, chunked prefill and prefix caching work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.siglip import SiglipVisionModel
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+from vllm.sequence import IntermediateTensors
+
+from model_plugins.configs import VideoCCAMConfig
+from model_plugins.layers.ccam import CCAMProjector
+from model_plugins.preprocess import (
+    ImageProcessorConfig,
+    InvalidMediaError,
+    as_frames,
+    clip_preprocess,
+    load_image_processor_config,
+)
+
+
+class VideoCCAMProcessingInfo(BaseProcessingInfo):
+    def get_hf_config(self) -> VideoCCAMConfig:
+        return self.ctx.get_hf_config(VideoCCAMConfig)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None, "video": None}
+
+    def get_image_processor_config(self) -> ImageProcessorConfig:
+        size = self.get_hf_config().vision_config.image_size
+        cfg = load_image_processor_config(self.ctx.model_config.model, size)
+        return cfg if cfg.exact_size else ImageProcessorConfig.siglip(size)
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        n = self.get_hf_config().num_query
+        return {"image": n, "video": n}
+
+
+class VideoCCAMDummyInputsBuilder(BaseDummyInputsBuilder[VideoCCAMProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        cfg = self.info.get_hf_config()
+        size = cfg.vision_config.image_size
+        options = mm_options or {}
+        return {
+            "image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
+                                            overrides=options.get("image")),
+            "video": self._get_dummy_videos(width=size, height=size, num_frames=cfg.max_frames,
+                                            num_videos=mm_counts.get("video", 0), overrides=options.get("video")),
+        }
+
+
+class VideoCCAMMultiModalProcessor(BaseMultiModalProcessor[VideoCCAMProcessingInfo]):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        cfg = self.info.get_hf_config()
+        ipc = self.info.get_image_processor_config()
+        out: dict[str, torch.Tensor] = {}
+        images = hf_data.get("images") or []
+        if images:
+            out["pixel_values"] = torch.cat([clip_preprocess(as_frames(im, what="image"), ipc) for im in images])
+        videos = hf_data.get("videos") or []
+        if videos:
+            pixels, counts = [], []
+            for i, video in enumerate(videos):
+                frames = as_frames(video, what=f"video {i}")
+                if frames.shape[0] > cfg.max_frames:
+                    raise InvalidMediaError(f"video {i} has {frames.shape[0]} frames; this model takes at most "
+                                            f"{cfg.max_frames} (max_frames in config.json)")
+                pixels.append(clip_preprocess(frames, ipc))
+                counts.append(frames.shape[0])
+            out["pixel_values_videos"] = torch.cat(pixels)
+            out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
+        return BatchFeature(out)
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
+        return dict(
+            pixel_values=MultiModalFieldConfig.batched("image"),
+            pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
+            video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+        )
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptUpdate]:
+        cfg = self.info.get_hf_config()
+        n = cfg.num_query
+        return [
+            PromptReplacement(modality="image", target=[cfg.image_token_id], replacement=[cfg.image_token_id] * n),
+            PromptReplacement(modality="video", target=[cfg.video_token_id], replacement=[cfg.video_token_id] * n),
+        ]
+
+
+def projector_key_report(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str | None:
+    """A readable mismatch report between the projector's parameters and a checkpoint's keys."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if not (missing or unexpected or wrong):
+        return None
+    lines = ["the checkpoint's CCAM projector does not match projector_config:"]
+    lines += [f"  missing    projector.{k} {tuple(expected[k])}" for k in missing]
+    lines += [f"  unexpected projector.{k} {tuple(found[k])}" for k in unexpected]
+    lines += [f"  shape      projector.{k}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}" for k in wrong]
+    if any(k.startswith("self_attn") for k in unexpected + missing):
+        lines.append("  hint: set projector_config.query_self_attention to match the checkpoint")
+    if any(k.startswith("output_norm") for k in unexpected + missing):
+        lines.append("  hint: set projector_config.output_norm to match the checkpoint")
+    return "\n".join(lines)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VideoCCAMMultiModalProcessor, info=VideoCCAMProcessingInfo, dummy_inputs=VideoCCAMDummyInputsBuilder
+)
+class VideoCCAMForConditionalGeneration(nn.Module, SupportsMultiModal):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<image>"
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError(f"Video-CCAM takes images and videos, not {modality}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config: VideoCCAMConfig = vllm_config.model_config.hf_config
+        self.config = config
+        self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size,
+                                         mm_token_ids=[config.image_token_id, config.video_token_id])
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
+            self.vision_encoder = SiglipVisionModel(
+                config.vision_config, vllm_config.quant_config, num_hidden_layers_override=config.vision_layers_needed,
+                require_post_norm=False, prefix=maybe_prefix(prefix, "vision_encoder"))
+            self.projector = CCAMProjector(config.projector_config, mask_rule=config.ccam_mask_rule)
+        with self._mark_language_model(vllm_config):
+            self.llm = init_vllm_registered_model(vllm_config, hf_config=config.text_config,
+                                                  prefix=maybe_prefix(prefix, "llm"))
+        self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
+
+    def _frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(T, 3, S, S)`` -> ``(T, P, C)``, in batches of ``frame_batch_size`` frames."""
+        dtype = next(self.projector.parameters()).dtype
+        return torch.cat([self.vision_encoder(chunk.to(dtype))
+                          for chunk in torch.split(pixels, self.config.frame_batch_size)])
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        embeddings: list[torch.Tensor] = []
+        for key in list(kwargs):  # keep the modality order vLLM passed
+            if key == "pixel_values":
+                pixels = kwargs[key]
+                pixels = torch.cat(list(pixels)) if isinstance(pixels, (list, tuple)) else pixels
+                feats = self._frame_features(pixels.flatten(0, -4))
+                embeddings.extend(self.projector(f[None]) for f in feats)
+            elif key == "pixel_values_videos":
+                pixels = kwargs[key]
+                if isinstance(pixels, (list, tuple)):
+                    videos = list(pixels)
+                else:
+                    sizes = torch.as_tensor(kwargs["video_num_frames"]).flatten().tolist()
+                    videos = list(torch.split(pixels, sizes))
+                feats = self._frame_features(torch.cat(videos))
+                # one item at a time: its own T, its own causal cross-attention mask
+                embeddings.extend(self.projector(f) for f in torch.split(feats, [v.shape[0] for v in videos]))
+        return embeddings
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor | IntermediateTensors:
+        return self.llm.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.llm.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        weights = list(weights)
+        found = {k[len("projector."):]: tuple(v.shape) for k, v in weights if k.startswith("projector.")}
+        expected = {k: tuple(v.shape) for k, v in self.projector.state_dict().items()}
+        report = projector_key_report(expected, found)
+        if report:
+            raise ValueError(report)
+        return AutoWeightsLoader(self).load_weights(weights)
