@@ -42,6 +42,15 @@ def cmd_convert_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from model_plugins.convert import video_ccam_v10_to_v12
+
+    out = video_ccam_v10_to_v12(args.v10, args.base_llm, args.vision, args.out, num_frames=args.num_frames,
+                                max_frames=args.max_frames)
+    print(f"wrote Video-CCAM v1.2-layout checkpoint {out} (LoRA adapters merged)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Offline engine demo: sample a real video file, ask the model about it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=8)
     p.add_argument("--max-frames", type=int, default=32)
     p.set_defaults(func=cmd_convert_llava)
+
+    p = sub.add_parser("convert-checkpoint", help="Video-CCAM v1.0 (base + LoRA + projector) -> v1.2 layout")
+    p.add_argument("--v10", required=True, help="the v1.0 release (projector/, llm_adapter/, visual_encoder_adapter/)")
+    p.add_argument("--base-llm", required=True, dest="base_llm", help="its base LLM (exact revision)")
+    p.add_argument("--vision", required=True, help="google/siglip-so400m-patch14-384")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-frames", type=int, default=16, dest="num_frames")
+    p.add_argument("--max-frames", type=int, default=96, dest="max_frames")
+    p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("serve", help="OpenAI-compatible gateway (flags override FRAMEWISE_* env vars)")
     p.add_argument("--model")
