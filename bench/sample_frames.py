@@ -79,15 +79,16 @@ def timed(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def peak_rss_child(method: str, clip: str) -> float:
-    """MiB of peak RSS of a fresh process that samples 96 frames."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import resource; from bench.sample_frames import *; "
-            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            + (f"framewise({clip!r}, 96)" if method == "framewise" else
-               f"vllm_opencv(open({clip!r}, 'rb').read(), 96)")
-            + "; print(r0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return int(out[-1]) / 1024
+def peak_rss(argv: list[str]) -> float:
+    """Peak RSS (MiB) of a fresh process, measured by /usr/bin/time."""
+    res = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], capture_output=True, text=True, check=True)
+    return int(res.stderr.strip().splitlines()[-1]) / 1024
+
+
+def python_rss(call: str) -> float:
+    """Peak RSS of a fresh Python process that imports this module and makes ``call``."""
+    return peak_rss([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                                           f"from bench.sample_frames import *; {call}"])
 
 
 def main() -> None:
@@ -118,12 +119,17 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     big = str(cache / "clip_10min_720p.mp4")
-    rss = {"framewise_mib": peak_rss_child("framewise", big), "vllm_opencv_mib": peak_rss_child("opencv", big)}
-    ff = subprocess.run(["/usr/bin/time", "-f", "%M", "ffmpeg", "-loglevel", "error", "-threads", "2", "-i", big,
-                         "-vf", "select=not(mod(n\\,188))", "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt",
-                         "rgb24", "-y", os.devnull], capture_output=True, text=True)
-    if ff.returncode == 0 and ff.stderr.strip().splitlines():
-        rss["ffmpeg_mib"] = int(ff.stderr.strip().splitlines()[-1]) / 1024
+    from server.video.sampling import uniform_indices
+
+    select = "+".join(f"eq(n\\,{i})" for i in uniform_indices(18000, 96))
+    rss = {
+        "python_baseline_mib": python_rss("import av, numpy, vllm.multimodal.video"),
+        "framewise_mib": python_rss(f"framewise({big!r}, 96)"),
+        "vllm_opencv_mib": python_rss(f"import vllm.multimodal.video; vllm_opencv(open({big!r}, 'rb').read(), 96)"),
+        "ffmpeg_mib": peak_rss(["ffmpeg", "-loglevel", "error", "-threads", "2", "-i", big, "-vf",
+                                f"select={select}", "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt",
+                                "rgb24", "-y", os.devnull]),
+    }
     print(json.dumps(rss))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "peak_rss_10min_96_frames": rss, "runs": args.runs,

@@ -123,7 +123,8 @@ def as_frames(media: object, *, what: str = "video") -> torch.Tensor:
     if isinstance(media, np.ndarray):
         if media.dtype != np.uint8:
             raise InvalidMediaError(f"{what} frames must be uint8 RGB (0-255), got dtype {media.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(media))
+        media = np.ascontiguousarray(media)
+        t = torch.from_numpy(media if media.flags.writeable else media.copy())
     elif isinstance(media, torch.Tensor):
         if media.dtype != torch.uint8:
             raise InvalidMediaError(f"{what} frames must be uint8 RGB (0-255), got dtype {media.dtype}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from contextlib import asynccontextmanager
@@ -11,11 +12,13 @@ from fastapi import FastAPI, Request
 
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.jobs import make_queue
+from server.jobs.worker import JobWorker, run_chat_job
 from server.media.fetch import MediaFetcher
 from server.media.files import FileStore
 from server.media.sources import MediaResolver
 from server.metrics import Metrics
-from server.routers import chat, files, health, models
+from server.routers import chat, files, health, jobs, models
 from server.settings import Settings
 from server.video.decode import DecodeLimits
 from server.video.pool import DecodePool
@@ -34,10 +37,27 @@ class Services:
     video: VideoService
     pool: DecodePool
     fetcher: MediaFetcher
+    jobs: object
     inflight: int = 0
 
+    async def start(self) -> None:
+        await self.pool.start()
+        await self.fetcher.start()
+        await self.engine.start()
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    async def stop(self) -> None:
+        self.engine.shutdown()
+        await self.fetcher.close()
+        await self.pool.close()
+        await self.jobs.close()
+
+    def worker(self) -> JobWorker:
+        s = self.settings
+        return JobWorker(self.jobs, lambda job, report: run_chat_job(self, job, report),
+                         concurrency=s.worker_concurrency, heartbeat_s=s.job_heartbeat_s, metrics=self.metrics)
+
+
+def build_services(settings: Settings, engine: Engine | None = None) -> Services:
     spool = os.path.join(settings.files_dir, ".spool")
     os.makedirs(spool, exist_ok=True)
     pool = DecodePool(settings.decode_workers)
@@ -55,24 +75,33 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                            settings.decode_timeout_s),
         pool=pool,
         fetcher=fetcher,
+        jobs=make_queue(settings),
     )
+    return services
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    services = build_services(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await pool.start()
-        await fetcher.start()
-        await services.engine.start()
+        await services.start()
+        stop = asyncio.Event()
+        # the in-process queue has no other consumer; with Redis, `--consume` makes one process a whole system
+        consume = settings.consume or not settings.redis_url
+        worker = asyncio.create_task(services.worker().run(stop)) if consume else None
         try:
             yield
         finally:
-            services.engine.shutdown()
-            await fetcher.close()
-            await pool.close()
+            stop.set()
+            if worker is not None:
+                await asyncio.wait({worker}, timeout=15)
+            await services.stop()
 
     app = FastAPI(title="Framewise", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for router in (chat.router, files.router, models.router, health.router):
+    for router in (chat.router, files.router, models.router, jobs.router, health.router):
         app.include_router(router)
 
     @app.middleware("http")

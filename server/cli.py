@@ -116,6 +116,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Engine + job consumer (``--redis-url`` or ``REDIS_URL``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import asyncio
+    import signal
+
+    from server.app import build_services
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    if not settings.redis_url:
+        print("framewise worker needs --redis-url or REDIS_URL", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        services = build_services(settings)
+        await services.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"framewise worker ready (model {settings.model_name}, queue {settings.redis_url})", flush=True)
+        try:
+            await services.worker().run(stop, grace_s=args.grace_s)
+        finally:
+            await services.stop()
+
+    asyncio.run(run())
+    os._exit(0)  # skip vLLM's engine teardown at interpreter exit (can abort on CPU)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="framewise", description="Serve video LLMs on vLLM.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -168,8 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of hosts, host:port or CIDRs that may be fetched even if private")
     p.add_argument("--allowed-local-media-path", dest="allowed_local_media_path")
     p.add_argument("--files-dir", dest="files_dir")
+    p.add_argument("--redis-url", dest="redis_url", help="job queue (default: REDIS_URL, else in-process)")
+    p.add_argument("--consume", action="store_true", default=None, help="also run a job worker in this process")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="engine + job consumer on Redis (flags override FRAMEWISE_* / REDIS_URL)")
+    p.add_argument("--model")
+    p.add_argument("--served-model-name", dest="served_model_name")
+    p.add_argument("--redis-url", dest="redis_url")
+    p.add_argument("--redis-prefix", dest="redis_prefix")
+    p.add_argument("--concurrency", type=int, dest="worker_concurrency")
+    p.add_argument("--visibility-timeout-s", type=float, dest="job_visibility_timeout_s")
+    p.add_argument("--heartbeat-s", type=float, dest="job_heartbeat_s")
+    p.add_argument("--max-attempts", type=int, dest="job_max_attempts")
+    p.add_argument("--allowed-media-hosts", dest="allowed_media_hosts")
+    p.add_argument("--max-model-len", type=int, dest="max_model_len")
+    p.add_argument("--files-dir", dest="files_dir")
+    p.add_argument("--grace-s", type=float, default=30.0, dest="grace_s", help="time to finish jobs on SIGTERM")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="offline engine demo: answer a question about a video file")
     p.add_argument("--model", default=str(DEFAULT_DEMO_DIR))

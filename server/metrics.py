@@ -26,6 +26,14 @@ class Metrics:
         self.frame_cache_hits = Counter("framewise_frame_cache_hits", "Sampled-frame cache hits", registry=r)
         self.media_errors = Counter("framewise_media_errors", "Rejected media by code", ["code"], registry=r)
         self.inflight = Gauge("framewise_requests_in_flight", "Chat requests in flight", registry=r)
+        self.jobs = Counter("framewise_jobs", "Finished jobs by outcome", ["outcome"], registry=r)
+        self.job_seconds = Histogram("framewise_job_seconds", "Job run time", buckets=LATENCY + (300, 600, 1800),
+                                     registry=r)
+        self.queue_depth = Gauge("framewise_job_queue_depth", "Jobs queued or running", registry=r)
+        self.oldest_job_age = Gauge("framewise_job_oldest_age_seconds", "Age of the oldest unfinished job",
+                                    registry=r)
+        self.job_reclaims = Gauge("framewise_job_reclaims", "Jobs reclaimed from dead workers (this process)",
+                                  registry=r)
         self.decode_restarts = Gauge("framewise_decode_worker_restarts", "Decode workers replaced", registry=r)
 
     def render(self) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     decode_threads: int = 2
     decode_timeout_s: float = 60.0
     frame_cache_mb: float = 512.0
+
+    # jobs (DESIGN 5): Redis Streams when a URL is set, else the in-process queue
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("FRAMEWISE_REDIS_URL", "REDIS_URL",
+                                                                      "redis_url"))
+    redis_prefix: str = "fw"
+    consume: bool = False  # `serve` also runs a worker (always with the in-process queue)
+    worker_concurrency: int = 2
+    job_result_ttl_s: int = 24 * 3600
+    job_visibility_timeout_s: float = 60.0
+    job_heartbeat_s: float = 2.0
+    job_max_attempts: int = 3
 
     @field_validator("api_keys", "allowed_media_hosts", mode="before")
     @classmethod

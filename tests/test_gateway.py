@@ -329,3 +329,42 @@ def test_non_streaming_disconnect_aborts_too(gateway, media):
     assert _metric(gateway, "vllm:num_requests_running") == 0
     assert _metric(gateway, "framewise_requests_in_flight") == 0
     assert 0 < _metric(gateway, GENERATED) - generated < 3000
+
+
+# ---- jobs through the in-process queue (this gateway has no REDIS_URL) --------------------------
+
+
+def _job_events(gateway, job_id: str) -> list[dict]:
+    events = []
+    with httpx.stream("GET", f"{gateway.base_url}/v1/jobs/{job_id}/events", headers=gateway.headers,
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_jobs_in_process_backend(gateway, media, client):
+    body = {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=4), "max_tokens": 6,
+            "temperature": 0}
+    r = httpx.post(f"{gateway.base_url}/v1/jobs", json=body, headers=gateway.headers)
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
+    job_id = r.json()["id"]
+    stages = [e["stage"] for e in _job_events(gateway, job_id)]
+    assert stages[0] == "queued" and stages[-1] == "done"
+    assert {"running", "fetching", "decoding", "generating"} <= set(stages)
+    job = httpx.get(f"{gateway.base_url}/v1/jobs/{job_id}", headers=gateway.headers).json()
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    sync = client.chat.completions.create(**{k: v for k, v in body.items()})
+    assert job["result"]["choices"][0]["message"]["content"] == sync.choices[0].message.content
+    assert job["result"]["framewise"]["media"][0]["frames"] == 4
+
+    bad = httpx.post(f"{gateway.base_url}/v1/jobs", headers=gateway.headers,
+                     json={"model": MODEL, "messages": video_message(media.url("random.mp4")), "max_tokens": 2})
+    assert _job_events(gateway, bad.json()["id"])[-1]["stage"] == "failed"
+    failed = httpx.get(f"{gateway.base_url}/v1/jobs/{bad.json()['id']}", headers=gateway.headers).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_video"  # as the sync API says
+    listed = httpx.get(f"{gateway.base_url}/v1/jobs?status=failed", headers=gateway.headers).json()
+    assert bad.json()["id"] in [j["id"] for j in listed["data"]]
+    missing = httpx.get(f"{gateway.base_url}/v1/jobs/job-nope", headers=gateway.headers)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"

@@ -307,3 +307,54 @@ def test_v10_conversion_equals_unmerged_adapters(v10_release, tmp_path):
               for name, m in (("merged", merged), ("unmerged", unmerged), ("plain", plain))}
     assert (logits["merged"] - logits["unmerged"]).abs().max() < 1e-4
     assert (logits["merged"] - logits["plain"]).abs().max() > 1e-2  # the adapters matter
+
+
+@pytest.mark.engine
+def test_gateway_serves_video_ccam_with_its_defaults(ccam_dir, tmp_path_factory):
+    import httpx
+
+    from server.video.synth import write_clip
+    from tests.gateway_support import Gateway, MediaServer
+
+    media_dir = tmp_path_factory.mktemp("ccam-media")
+    write_clip(str(media_dir / "clip.mp4"), frames=120, fps=24)
+    media = MediaServer(media_dir)
+    gw = Gateway(ccam_dir, tmp_path_factory.mktemp("ccam-gw"), api_key="k", allowed_hosts=f"127.0.0.1:{media.port}")
+    try:
+        def ask(**sampling):
+            body = {"model": "video-ccam", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": media.url("clip.mp4"), **sampling}},
+                {"type": "text", "text": "What happens?"}]}]}
+            r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=body, headers=gw.headers, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        default = ask()
+        assert default["framewise"]["media"][0]["frames"] == 16  # num_frames from config.json
+        long = ask(num_frames=96)
+        assert long["framewise"]["media"][0]["frames"] == 96  # the paper's long-video setting
+        # every video costs num_query (32) prompt tokens whatever its frame count
+        assert long["usage"]["prompt_tokens"] == default["usage"]["prompt_tokens"]
+    finally:
+        gw.close()
+        media.close()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "llama"])
+def test_other_decoders_are_selectable_through_text_config(model_type, tmp_path):
+    """v1.0/v1.1 used Phi-3 and Yi (Llama): the decoder comes from text_config alone."""
+    from model_plugins.reference.demo_checkpoint import build_tokenizer, video_ccam_config
+
+    tok = build_tokenizer()
+    text = dict(model_type=model_type, vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                pad_token_id=tok.pad_token_id)
+    cfg = video_ccam_config(tok, text_config=text)
+    cfg.save_pretrained(tmp_path)
+    from model_plugins.configs import VideoCCAMConfig
+
+    loaded = VideoCCAMConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.model_type == model_type
+    ref = VideoCCAMReference(loaded).eval()
+    prep = ref.prepare(tok(VIDEO_PROMPT).input_ids, videos=[random_video(3, seed=1, size=40)])
+    assert ref.logits(prep.embeds).shape == (len(prep.input_ids), len(tok))

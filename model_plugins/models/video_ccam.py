@@ -34,13 +34,8 @@ from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import VideoCCAMConfig
 from model_plugins.layers.ccam import CCAMProjector
-from model_plugins.preprocess import (
-    ImageProcessorConfig,
-    InvalidMediaError,
-    as_frames,
-    clip_preprocess,
-    load_image_processor_config,
-)
+from model_plugins.models.frames import dummy_frames, frames_fields_config, frames_to_pixels, pixels_per_item
+from model_plugins.preprocess import ImageProcessorConfig, load_image_processor_config
 
 
 class VideoCCAMProcessingInfo(BaseProcessingInfo):
@@ -66,45 +61,15 @@ class VideoCCAMDummyInputsBuilder(BaseDummyInputsBuilder[VideoCCAMProcessingInfo
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         cfg = self.info.get_hf_config()
-        size = cfg.vision_config.image_size
-        options = mm_options or {}
-        return {
-            "image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
-                                            overrides=options.get("image")),
-            "video": self._get_dummy_videos(width=size, height=size, num_frames=cfg.max_frames,
-                                            num_videos=mm_counts.get("video", 0), overrides=options.get("video")),
-        }
+        return dummy_frames(self, cfg.vision_config.image_size, cfg.max_frames, mm_counts, mm_options)
 
 
 class VideoCCAMMultiModalProcessor(BaseMultiModalProcessor[VideoCCAMProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        cfg = self.info.get_hf_config()
-        ipc = self.info.get_image_processor_config()
-        out: dict[str, torch.Tensor] = {}
-        images = hf_data.get("images") or []
-        if images:
-            out["pixel_values"] = torch.cat([clip_preprocess(as_frames(im, what="image"), ipc) for im in images])
-        videos = hf_data.get("videos") or []
-        if videos:
-            pixels, counts = [], []
-            for i, video in enumerate(videos):
-                frames = as_frames(video, what=f"video {i}")
-                if frames.shape[0] > cfg.max_frames:
-                    raise InvalidMediaError(f"video {i} has {frames.shape[0]} frames; this model takes at most "
-                                            f"{cfg.max_frames} (max_frames in config.json)")
-                pixels.append(clip_preprocess(frames, ipc))
-                counts.append(frames.shape[0])
-            out["pixel_values_videos"] = torch.cat(pixels)
-            out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
-        return BatchFeature(out)
+        return frames_to_pixels(hf_data, self.info.get_image_processor_config(), self.info.get_hf_config().max_frames)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
-        return dict(
-            pixel_values=MultiModalFieldConfig.batched("image"),
-            pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
-            video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-        )
+        return frames_fields_config(hf_inputs)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptUpdate]:
         cfg = self.info.get_hf_config()
@@ -168,24 +133,12 @@ class VideoCCAMForConditionalGeneration(nn.Module, SupportsMultiModal):
                           for chunk in torch.split(pixels, self.config.frame_batch_size)])
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        embeddings: list[torch.Tensor] = []
-        for key in list(kwargs):  # keep the modality order vLLM passed
-            if key == "pixel_values":
-                pixels = kwargs[key]
-                pixels = torch.cat(list(pixels)) if isinstance(pixels, (list, tuple)) else pixels
-                feats = self._frame_features(pixels.flatten(0, -4))
-                embeddings.extend(self.projector(f[None]) for f in feats)
-            elif key == "pixel_values_videos":
-                pixels = kwargs[key]
-                if isinstance(pixels, (list, tuple)):
-                    videos = list(pixels)
-                else:
-                    sizes = torch.as_tensor(kwargs["video_num_frames"]).flatten().tolist()
-                    videos = list(torch.split(pixels, sizes))
-                feats = self._frame_features(torch.cat(videos))
-                # one item at a time: its own T, its own causal cross-attention mask
-                embeddings.extend(self.projector(f) for f in torch.split(feats, [v.shape[0] for v in videos]))
-        return embeddings
+        items = pixels_per_item(kwargs)
+        if not items:
+            return []
+        feats = self._frame_features(torch.cat(items))
+        # one item at a time: its own T, its own causal cross-attention mask
+        return [self.projector(f) for f in torch.split(feats, [item.shape[0] for item in items])]
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,

@@ -1,0 +1,75 @@
+"""Plumbing shared by models that take images and videos as decoded frames.
+
+The contract: ``multi_modal_data`` holds ``uint8`` frames; an image is one frame. The
+processor validates and preprocesses them into ``pixel_values`` (images, one row each) and
+``pixel_values_videos`` (all frames of all videos, split by ``video_num_frames``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import BatchFeature
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from model_plugins.preprocess import ImageProcessorConfig, InvalidMediaError, as_frames, clip_preprocess
+
+
+def frames_to_pixels(hf_data: Mapping[str, object], ipc: ImageProcessorConfig, max_frames: int) -> BatchFeature:
+    """Validate every image/video and preprocess it; raises InvalidMediaError before the engine."""
+    out: dict[str, torch.Tensor] = {}
+    images = hf_data.get("images") or []
+    if images:
+        out["pixel_values"] = torch.cat([clip_preprocess(as_frames(im, what="image"), ipc) for im in images])
+    videos = hf_data.get("videos") or []
+    if videos:
+        pixels, counts = [], []
+        for i, video in enumerate(videos):
+            frames = as_frames(video, what=f"video {i}")
+            if frames.shape[0] > max_frames:
+                raise InvalidMediaError(f"video {i} has {frames.shape[0]} frames; this model takes at most "
+                                        f"{max_frames} (max_frames in config.json)")
+            pixels.append(clip_preprocess(frames, ipc))
+            counts.append(frames.shape[0])
+        out["pixel_values_videos"] = torch.cat(pixels)
+        out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
+    return BatchFeature(out)
+
+
+def frames_fields_config(hf_inputs: Mapping[str, torch.Tensor]) -> Mapping[str, MultiModalFieldConfig]:
+    num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
+    return dict(
+        pixel_values=MultiModalFieldConfig.batched("image"),
+        pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
+        video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+    )
+
+
+def dummy_frames(builder, size: int, max_frames: int, mm_counts: Mapping[str, int], mm_options) -> dict:
+    """Profiling inputs: square images, and videos of ``max_frames`` frames."""
+    options = mm_options or {}
+    return {
+        "image": builder._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
+                                           overrides=options.get("image")),
+        "video": builder._get_dummy_videos(width=size, height=size, num_frames=max_frames,
+                                           num_videos=mm_counts.get("video", 0), overrides=options.get("video")),
+    }
+
+
+def pixels_per_item(kwargs: Mapping[str, object]) -> list[torch.Tensor]:
+    """``(T, 3, S, S)`` pixels of every item, in the modality order vLLM passed (images: T = 1)."""
+    items: list[torch.Tensor] = []
+    for key in list(kwargs):
+        if key == "pixel_values":
+            pixels = kwargs[key]
+            pixels = torch.cat(list(pixels)) if isinstance(pixels, (list, tuple)) else pixels
+            items.extend(p[None] for p in pixels.flatten(0, -4))
+        elif key == "pixel_values_videos":
+            pixels = kwargs[key]
+            if isinstance(pixels, (list, tuple)):
+                items.extend(pixels)
+            else:
+                sizes = torch.as_tensor(kwargs["video_num_frames"]).flatten().tolist()
+                items.extend(torch.split(pixels, sizes))
+    return items

@@ -1,0 +1,111 @@
+"""Jobs through Redis: the gateway submits, real ``framewise worker`` processes (vLLM engine)
+consume; a worker is SIGKILLed while it holds a job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+
+from server.video.synth import write_clip
+from tests.conftest import ROOT
+from tests.gateway_support import Gateway, MediaServer
+from tests.redis_support import RedisServer
+
+pytestmark = pytest.mark.engine
+MODEL = "tc-llava"
+KEY = "sk-jobs"
+
+
+@pytest.fixture(scope="module")
+def system(tc_llava_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("jobs")
+    (work / "media").mkdir()
+    write_clip(str(work / "media" / "clip.mp4"), frames=48)
+    media = MediaServer(work / "media")
+    rs = RedisServer(work)
+    env = {"REDIS_URL": rs.url}
+    gw = Gateway(tc_llava_dir, work, api_key=KEY, allowed_hosts=f"127.0.0.1:{media.port}", env=env,
+                 args=("--served-model-name", MODEL))
+    yield gw, rs, media, work
+    gw.close()
+    rs.close()
+    media.close()
+
+
+def start_worker(model, rs: RedisServer, media: MediaServer, log) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "worker", "--model", str(model), "--served-model-name", MODEL,
+         "--redis-url", rs.url, "--visibility-timeout-s", "10", "--heartbeat-s", "1", "--concurrency", "2",
+         "--allowed-media-hosts", f"127.0.0.1:{media.port}", "--grace-s", "2"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    return proc
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job(gw, job_id):
+    return httpx.get(f"{gw.base_url}/v1/jobs/{job_id}", headers=gw.headers, timeout=10).json()
+
+
+def test_worker_killed_mid_job_another_completes_it_once(system, tc_llava_dir):
+    gw, rs, media, work = system
+    body = {"model": MODEL, "max_tokens": 3000, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": media.url("clip.mp4"), "num_frames": 2}},
+                {"type": "text", "text": "Describe it."}]}]}
+    r = httpx.post(f"{gw.base_url}/v1/jobs", json=body, headers={**gw.headers, "Idempotency-Key": "once"})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    again = httpx.post(f"{gw.base_url}/v1/jobs", json=body, headers={**gw.headers, "Idempotency-Key": "once"})
+    assert again.status_code == 200 and again.json()["id"] == job_id
+
+    with open(work / "worker-a.log", "w") as log_a:
+        a = start_worker(tc_llava_dir, rs, media, log_a)
+        wait_for(lambda: job(gw, job_id)["progress"].get("stage") == "generating", 180, "worker A to generate")
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait(30)
+    assert job(gw, job_id)["status"] == "running"
+    with open(work / "worker-b.log", "w") as log_b:
+        b = start_worker(tc_llava_dir, rs, media, log_b)
+        try:
+            done = wait_for(lambda: (j := job(gw, job_id))["status"] in ("succeeded", "failed") and j, 240,
+                            "worker B to finish the job")
+            assert done["status"] == "succeeded" and done["attempts"] == 2
+            assert done["result"]["usage"]["completion_tokens"] == 3000
+            r = redis.Redis.from_url(rs.url, decode_responses=True)
+            assert r.hget(f"fw:job:{job_id}", "completions") == "1"  # stored exactly once
+
+            # cancel a running job: the worker aborts it and moves on
+            longer = {**body, "max_tokens": 3900, "n": 8}  # ~31k tokens: far longer than the test takes
+            long = httpx.post(f"{gw.base_url}/v1/jobs", json=longer, headers=gw.headers).json()["id"]
+            wait_for(lambda: job(gw, long)["progress"].get("stage") == "generating", 60, "the second job to run")
+            assert httpx.delete(f"{gw.base_url}/v1/jobs/{long}", headers=gw.headers).json()["status"] == "cancelled"
+            events = []
+            with httpx.stream("GET", f"{gw.base_url}/v1/jobs/{long}/events", headers=gw.headers, timeout=60) as s:
+                events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+            assert events[-1]["stage"] == "cancelled"
+            wait_for(lambda: gw.metrics().get("framewise_job_queue_depth") == 0, 30, "an empty queue")
+            assert job(gw, long)["result"] is None
+            short = httpx.post(f"{gw.base_url}/v1/jobs", json={**body, "max_tokens": 4}, headers=gw.headers)
+            assert wait_for(lambda: job(gw, short.json()["id"])["status"] == "succeeded", 60, "the next job")
+        finally:
+            b.send_signal(signal.SIGTERM)  # graceful: finishes within --grace-s
+            b.wait(60)
+            os.killpg(b.pid, signal.SIGKILL) if b.poll() is None else None
