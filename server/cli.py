@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files-dir", dest="files_dir")
     p.add_argument("--redis-url", dest="redis_url", help="job queue (default: REDIS_URL, else in-process)")
     p.add_argument("--consume", action="store_true", default=None, help="also run a job worker in this process")
+    p.add_argument("--queue-above-s", type=float, dest="queue_above_s",
+                   help="chat completions whose video lasts longer run through the job queue (default 600)")
+    p.add_argument("--queue-above-mb", type=float, dest="queue_above_mb",
+                   help="... or whose video is larger than this (default 128)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 

@@ -26,11 +26,17 @@ class Prepared:
         return sum(m.get("frames", 0) for m in self.media if m["type"] == "video")
 
 
-async def _video(services, part: VideoPart) -> tuple[object, dict]:
+class LongVideo(Exception):
+    """This request's video is long enough to go through the job queue."""
+
+
+async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, dict]:
     s, v = services.settings, part.video_url
     defaults = services.engine.defaults
     media = await services.media.resolve(v.url, int(s.max_video_mb * MB))
     try:
+        if route_long and await services.video.is_long(media.path, media.size, s.queue_above_s, s.queue_above_mb):
+            raise LongVideo(v.url)
         res = await services.video.sample(
             media.path, media.sha256, VideoSampling(v.num_frames, v.fps, v.start, v.end),
             default_frames=defaults.num_frames, max_frames=defaults.max_frames, shortest_edge=defaults.shortest_edge)
@@ -66,8 +72,11 @@ async def _image(services, part: ImagePart) -> tuple[object, dict]:
                    "decode_ms": round((time.perf_counter() - start) * 1000, 1)}
 
 
-async def prepare(services, body: ChatCompletionRequest) -> Prepared:
-    """Fetch and sample every media part (concurrently), render the chat template."""
+async def prepare(services, body: ChatCompletionRequest, route_long: bool = False) -> Prepared:
+    """Fetch and sample every media part (concurrently), render the chat template.
+
+    With ``route_long``, raises :class:`LongVideo` (before decoding) when a video is longer or
+    larger than the settings' thresholds, so the caller can run the request as a job."""
     s = services.settings
     parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
     videos = [p for p in parts if isinstance(p, VideoPart)]
@@ -77,7 +86,8 @@ async def prepare(services, body: ChatCompletionRequest) -> Prepared:
     if len(images) > s.max_images_per_request:
         raise APIError(400, "too_many_images", f"at most {s.max_images_per_request} images per request", "messages")
     try:
-        loaded = await asyncio.gather(*[_video(services, p) for p in videos], *[_image(services, p) for p in images])
+        loaded = await asyncio.gather(*[_video(services, p, route_long) for p in videos],
+                                      *[_image(services, p) for p in images])
     except MediaError as e:
         services.metrics.media_errors.labels(e.code).inc()
         raise APIError.from_media(e) from None

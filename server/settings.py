@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     job_visibility_timeout_s: float = 60.0
     job_heartbeat_s: float = 2.0
     job_max_attempts: int = 3
+    # chat completions with a longer/larger video run as jobs (the client still gets a completion)
+    queue_above_s: float | None = 600.0
+    queue_above_mb: float | None = 128.0
+    queue_keepalive_s: float = 5.0
 
     @field_validator("api_keys", "allowed_media_hosts", mode="before")
     @classmethod

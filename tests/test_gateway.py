@@ -32,6 +32,7 @@ def media(tmp_path_factory):
     write_clip(str(d / "audio.mkv"), frames=48, fps=24, audio=True)
     write_clip(str(d / "vfr.mp4"), frames=6, fps=10, frame_times=[0, 0.1, 0.15, 0.6, 1.5, 1.9])
     write_clip(str(d / "one.mp4"), frames=1)
+    write_clip(str(d / "long.mp4"), frames=150, fps=24)  # 6.25 s: above --queue-above-s
     write_clip(str(d / "odd.mp4"), frames=12, width=97, height=61, pix_fmt="yuv444p")
     write_clip(str(d / "tenhours.mp4"), frames=2, frame_times=[0.0, 36000.0])
     write_clip(str(d / "huge.mp4"), frames=1, width=16000, height=16000)
@@ -53,9 +54,9 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gateway(tc_llava_dir, media, tmp_path_factory):
     gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("gateway"), api_key=KEY,
-                 allowed_hosts=f"127.0.0.1:{media.port}",
+                 allowed_hosts=f"127.0.0.1:{media.port}", env={"FRAMEWISE_QUEUE_KEEPALIVE_S": "0.05"},
                  args=("--served-model-name", MODEL, "--max-video-mb", "4", "--fetch-timeout-s", "3",
-                       "--max-duration-s", "3600", "--max-upload-mb", "1",
+                       "--max-duration-s", "3600", "--max-upload-mb", "1", "--queue-above-s", "5",
                        "--allowed-local-media-path", str(media.root)))
     yield gw
     gw.close()
@@ -368,3 +369,26 @@ def test_jobs_in_process_backend(gateway, media, client):
     assert bad.json()["id"] in [j["id"] for j in listed["data"]]
     missing = httpx.get(f"{gateway.base_url}/v1/jobs/job-nope", headers=gateway.headers)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+
+
+def test_long_video_chat_completion_runs_as_a_job(gateway, media, client):
+    kwargs = dict(model=MODEL, messages=video_message(media.url("long.mp4"), num_frames=4), max_tokens=400,
+                  temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kwargs)
+    job_id = r.model_extra["framewise"]["job_id"]
+    assert r.usage.completion_tokens == 400 and r.model_extra["framewise"]["media"][0]["frames"] == 4
+    assert httpx.get(f"{gateway.base_url}/v1/jobs/{job_id}", headers=gateway.headers).json()["status"] == "succeeded"
+
+    body = {"model": MODEL, "messages": kwargs["messages"], "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=gateway.headers,
+                      timeout=120) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert any(line.startswith(": queued as job-") for line in lines)  # keep-alive while queued
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == r.choices[0].message.content and chunks[-1]["usage"]["completion_tokens"] == 400
+    # short videos are not queued
+    short = client.chat.completions.create(model=MODEL, messages=video_message(media.url("h264.mp4")), max_tokens=2)
+    assert "job_id" not in short.model_extra["framewise"]

@@ -41,7 +41,7 @@ async def run_chat_job(services, job: Job, report: Report) -> dict:
     if body.model != services.settings.model_name:
         raise APIError(404, "model_not_found", f"the model {body.model!r} does not exist", "model")
     await report({"stage": "fetching"})
-    prepared = await prepare(services, body)
+    prepared = await prepare(services, body)  # never re-routed: this is the job
     frames = prepared.video_frames
     await report({"stage": "decoding", "frames_done": frames, "frames_total": frames})
     params = sampling_params(body, stream=True)  # deltas: count tokens as they come

@@ -14,6 +14,7 @@ from vllm.exceptions import VLLMClientError
 
 from server.completions import (
     CompletionIds,
+    LongVideo,
     chunk,
     completion_body,
     delta_choice,
@@ -63,8 +64,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise APIError(404, "model_not_found", f"the model {body.model!r} does not exist", "model")
     slot = _Slot(services)
     try:
-        prepared = await prepare(services, body)
+        prepared = await prepare(services, body, route_long=True)
         params = sampling_params(body, body.stream)
+    except LongVideo:
+        slot.release()  # the job queue does the work; this connection only waits
+        return await _via_queue(services, body, request)
     except BaseException:
         slot.release()
         raise
@@ -161,3 +165,74 @@ async def _stream(services, slot: _Slot, prepared, params, request_id, ids, incl
         if not finished:  # client went away mid-stream: free the engine request
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().create_task(services.engine.abort(request_id))
+
+
+# ---- long videos: run the request as a job, answer as a normal completion -------------------
+
+
+async def _via_queue(services, body: ChatCompletionRequest, request: Request):
+    job, _ = await services.jobs.submit(body.model_dump(exclude_none=True))
+    keepalive = services.settings.queue_keepalive_s
+
+    async def wait_final():
+        async for _, event in services.jobs.events(job.id):
+            if event.get("stage") in ("done", "failed", "cancelled"):
+                break
+        return await services.jobs.get(job.id)
+
+    if not body.stream:
+        waiter = asyncio.create_task(wait_final())
+        watcher = asyncio.create_task(_client_gone(request))
+        try:
+            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():  # the client left: cancel the job (its worker aborts the engine request)
+                await services.jobs.cancel(job.id)
+                raise APIError(499, "client_disconnected", "the client closed the connection")
+            final = waiter.result()
+        finally:
+            watcher.cancel()
+            waiter.cancel()
+        return _job_response(final)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        waiter = asyncio.create_task(wait_final())
+        try:
+            while not waiter.done():
+                done, _ = await asyncio.wait({waiter}, timeout=keepalive)
+                if not done:
+                    yield f": queued as {job.id}, status {(await services.jobs.get(job.id)).status}\n\n"
+            final = waiter.result()
+        except BaseException:
+            waiter.cancel()
+            with contextlib.suppress(Exception):
+                await services.jobs.cancel(job.id)
+            raise
+        if final.status != "succeeded":
+            err = final.error or {"code": "cancelled", "status": 499, "message": "the job was cancelled"}
+            yield f"data: {json.dumps(error_body(err.get('status', 500), err['code'], err['message']))}\n\n"
+            return
+        result = final.result
+        ids = CompletionIds(result["model"])
+        ids.id, ids.created = result["id"], result["created"]
+        for c in result["choices"]:
+            yield chunk(ids, [delta_choice(c["index"], {"role": "assistant", "content": ""})],
+                        extra={"framewise": {**result["framewise"], "job_id": job.id}} if c["index"] == 0 else None)
+            yield chunk(ids, [delta_choice(c["index"], {"content": c["message"]["content"]})])
+            yield chunk(ids, [delta_choice(c["index"], {}, finish_reason=c["finish_reason"])])
+        if include_usage:
+            yield chunk(ids, [], usage=result["usage"])
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _job_response(job) -> JSONResponse:
+    if job.status == "succeeded":
+        result = dict(job.result)
+        result["framewise"] = {**result.get("framewise", {}), "job_id": job.id}
+        return JSONResponse(result)
+    err = job.error or {"code": "cancelled", "status": 499, "message": "the job was cancelled"}
+    return JSONResponse(error_body(err.get("status", 500), err["code"], err["message"], "messages"),
+                        status_code=err.get("status", 500))

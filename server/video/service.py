@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from server.video.decode import DecodeLimits, MediaError, SampledVideo, sample_video
+from server.video.decode import DecodeLimits, MediaError, SampledVideo, probe, sample_video
 from server.video.pool import DecodePool
 from server.video.sampling import SamplingParams
 
@@ -62,6 +62,15 @@ class VideoService:
                                     shortest_edge=shortest_edge, limits=self.limits, timeout=self.timeout)
         self.cache.put(key, video)
         return VideoResult(video, time.perf_counter() - start, False)
+
+    async def is_long(self, path: str, size: int, above_s: float | None, above_mb: float | None) -> bool:
+        """Cheap pre-flight (container header only) for routing long videos to the job queue."""
+        if above_mb is not None and size > above_mb * (1 << 20):
+            return True
+        if above_s is None:
+            return False
+        info = await self.pool.run(probe, path, self.limits, timeout=self.timeout)
+        return info.duration > above_s
 
     async def load_image(self, path: str) -> np.ndarray:
         return await asyncio.to_thread(_load_image, path, self.limits.max_pixels)
