@@ -58,7 +58,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
     from model_plugins.engine import create_llm
-    from server.video.decode import sample_frames
+    from server.video.decode import sample_video
+    from server.video.sampling import SamplingParams as FrameSampling
     from server.video.synth import write_clip
 
     model = str(args.model)
@@ -75,7 +76,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     num_frames = args.frames or config.num_frames
     t0 = time.perf_counter()
-    frames = sample_frames(video, num_frames)
+    frames = sample_video(video, FrameSampling(num_frames=num_frames), default_frames=num_frames,
+                          max_frames=config.max_frames, shortest_edge=config.vision_config.image_size).frames
     decode_ms = (time.perf_counter() - t0) * 1000
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

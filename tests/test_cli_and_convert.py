@@ -149,3 +149,16 @@ def test_convert_rejects_other_model_types(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     res = run_cli("convert-llava", "--src", str(src), "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "not llava-hf" in res.stderr
+
+
+@pytest.mark.engine
+def test_demo_command_answers_about_a_generated_clip(tc_llava_dir, tmp_path):
+    # output to files: vLLM's multiprocessing helpers may outlive the command and hold a pipe open
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        code = subprocess.run([*FRAMEWISE, "demo", "--model", str(tc_llava_dir), "--max-tokens", "4"], cwd=ROOT,
+                              stdout=out, stderr=err, timeout=300).returncode
+    stdout = (tmp_path / "out").read_text()
+    assert code == 0, (tmp_path / "err").read_text()[-2000:]
+    report = json.loads(stdout[stdout.rindex("{\n  \"model\""):])
+    assert report["frames"] == 8 and report["completion_tokens"] >= 1
+    assert report["prompt_tokens"] > 8 * 16 and isinstance(report["answer"], str)

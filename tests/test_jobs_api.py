@@ -92,10 +92,11 @@ def test_worker_killed_mid_job_another_completes_it_once(system, tc_llava_dir):
             r = redis.Redis.from_url(rs.url, decode_responses=True)
             assert r.hget(f"fw:job:{job_id}", "completions") == "1"  # stored exactly once
 
-            # cancel a running job: the worker aborts it and moves on
-            longer = {**body, "max_tokens": 3900, "n": 8}  # ~31k tokens: far longer than the test takes
-            long = httpx.post(f"{gw.base_url}/v1/jobs", json=longer, headers=gw.headers).json()["id"]
-            wait_for(lambda: job(gw, long)["progress"].get("stage") == "generating", 60, "the second job to run")
+            # cancel a running job (held up in a 30 s fetch): the worker drops it and moves on
+            slow = {**body, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": media.url("slow")}}]}]}
+            long = httpx.post(f"{gw.base_url}/v1/jobs", json=slow, headers=gw.headers).json()["id"]
+            wait_for(lambda: job(gw, long)["progress"].get("stage") == "fetching", 60, "the second job to run")
             assert httpx.delete(f"{gw.base_url}/v1/jobs/{long}", headers=gw.headers).json()["status"] == "cancelled"
             events = []
             with httpx.stream("GET", f"{gw.base_url}/v1/jobs/{long}/events", headers=gw.headers, timeout=60) as s:
@@ -109,3 +110,40 @@ def test_worker_killed_mid_job_another_completes_it_once(system, tc_llava_dir):
             b.send_signal(signal.SIGTERM)  # graceful: finishes within --grace-s
             b.wait(60)
             os.killpg(b.pid, signal.SIGKILL) if b.poll() is None else None
+
+
+def test_200_jobs_through_3_worker_processes(system, tc_llava_dir):
+    gw, rs, media, work = system
+    logs = [open(work / f"pool-{i}.log", "w") for i in range(3)]  # noqa: SIM115 - closed below
+    workers = [start_worker(tc_llava_dir, rs, media, log) for log in logs]
+    try:
+        wait_for(lambda: all("framewise worker ready" in (work / f"pool-{i}.log").read_text() for i in range(3)),
+                 300, "3 workers to start")
+        body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Is it day or night?"}]}
+        ids = [httpx.post(f"{gw.base_url}/v1/jobs", json={**body, "seed": i}, headers=gw.headers).json()["id"]
+               for i in range(200)]
+        r = redis.Redis.from_url(rs.url, decode_responses=True)
+
+        def all_done():
+            return all(r.hget(f"fw:job:{i}", "status") == "succeeded" for i in ids)
+
+        wait_for(all_done, 600, "200 jobs")
+        assert [r.hget(f"fw:job:{i}", "completions") for i in ids] == ["1"] * 200  # none twice
+        runners = set()
+        for i in ids:
+            starts = [json.loads(d["data"]) for _, d in r.xrange(f"fw:job:{i}:events")]
+            starts = [e for e in starts if e["stage"] == "running"]
+            assert len(starts) == 1
+            runners.add(starts[0]["worker"])
+        assert len(runners) == 3  # every worker process took jobs
+        wait_for(lambda: gw.metrics().get("framewise_job_queue_depth") == 0, 30, "queue depth 0")
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()

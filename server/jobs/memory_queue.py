@@ -109,7 +109,7 @@ class MemoryJobQueue:
         token = self.tokens[job_id] = f"{job_id}:{n}"
         job.status, job.attempts = "running", job.attempts + 1
         job.started_at = job.started_at or time.time()
-        await self._event(job_id, {"stage": "running", "attempt": n})
+        await self._event(job_id, {"stage": "running", "attempt": n, "worker": consumer})
         return Claim(job, token)
 
     async def heartbeat(self, claim: Claim, consumer: str) -> None:

@@ -204,12 +204,12 @@ class RedisJobQueue:
                                            block=max(1, int(block_s * 1000)))
             entries = resp[0][1] if resp else []
         for entry_id, data in entries:
-            claim = await self._deliver(entry_id, data["id"])
+            claim = await self._deliver(entry_id, data["id"], consumer)
             if claim is not None:
                 return claim
         return None
 
-    async def _deliver(self, entry_id: str, job_id: str) -> Claim | None:
+    async def _deliver(self, entry_id: str, job_id: str, consumer: str) -> Claim | None:
         pending = await self.r.xpending_range(self.stream, GROUP, min=entry_id, max=entry_id, count=1)
         delivered = int(pending[0]["times_delivered"]) if pending else 1
         key = self._job(job_id)
@@ -227,7 +227,7 @@ class RedisJobQueue:
         if not await self._start(keys=[key], args=[token, time.time()]):
             await self._ack(entry_id)  # cancelled, finished, or expired
             return None
-        await self._event(job_id, {"stage": "running", "attempt": delivered})
+        await self._event(job_id, {"stage": "running", "attempt": delivered, "worker": consumer})
         self.held.add(entry_id)
         return Claim(await self.get(job_id), token)
 
