@@ -12,6 +12,23 @@ from pathlib import Path
 DEFAULT_DEMO_DIR = Path(".cache/models/tc-llava-demo")
 
 
+def _exit_without_engine_teardown(code: int = 0) -> None:
+    """Stop vLLM's engine processes, then leave without the interpreter's teardown (which can
+    abort on CPU). Terminating the engine core lets it stop its own workers."""
+    import multiprocessing
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    os._exit(code)
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from model_plugins.reference.demo_checkpoint import write_demo_checkpoint
 
@@ -90,8 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.outputs[0].token_ids),
         "decode_ms": round(decode_ms, 1), "generate_ms": round(gen_ms, 1), "answer": out.outputs[0].text,
     }, indent=2))
-    sys.stdout.flush()
-    os._exit(0)  # skip vLLM's engine teardown at interpreter exit (can abort on CPU)
+    llm.llm_engine.engine_core.shutdown()
+    _exit_without_engine_teardown()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -147,7 +164,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             await services.stop()
 
     asyncio.run(run())
-    os._exit(0)  # skip vLLM's engine teardown at interpreter exit (can abort on CPU)
+    _exit_without_engine_teardown()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -155,10 +158,19 @@ def test_convert_rejects_other_model_types(tmp_path):
 def test_demo_command_answers_about_a_generated_clip(tc_llava_dir, tmp_path):
     # output to files: vLLM's multiprocessing helpers may outlive the command and hold a pipe open
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        code = subprocess.run([*FRAMEWISE, "demo", "--model", str(tc_llava_dir), "--max-tokens", "4"], cwd=ROOT,
-                              stdout=out, stderr=err, timeout=300).returncode
+        proc = subprocess.Popen([*FRAMEWISE, "demo", "--model", str(tc_llava_dir), "--max-tokens", "4"], cwd=ROOT,
+                                stdout=out, stderr=err, start_new_session=True)
+        try:
+            code = proc.wait(300)
+            time.sleep(2)
+            leftovers = subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "VLLM"], capture_output=True,
+                                       text=True).stdout.split()
+        finally:  # nothing of the engine may outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert not leftovers, "vLLM engine processes outlived `framewise demo`"
     stdout = (tmp_path / "out").read_text()
     assert code == 0, (tmp_path / "err").read_text()[-2000:]
-    report = json.loads(stdout[stdout.rindex("{\n  \"model\""):])
+    report, _ = json.JSONDecoder().raw_decode(stdout[stdout.rindex("{\n  \"model\""):])
     assert report["frames"] == 8 and report["completion_tokens"] >= 1
     assert report["prompt_tokens"] > 8 * 16 and isinstance(report["answer"], str)

@@ -3,6 +3,7 @@ consume; a worker is SIGKILLed while it holds a job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,15 @@ def start_worker(model, rs: RedisServer, media: MediaServer, log) -> subprocess.
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     return proc
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    """SIGTERM (graceful), then make sure nothing of its process group (engine core, workers) is left."""
+    proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -107,9 +117,7 @@ def test_worker_killed_mid_job_another_completes_it_once(system, tc_llava_dir):
             short = httpx.post(f"{gw.base_url}/v1/jobs", json={**body, "max_tokens": 4}, headers=gw.headers)
             assert wait_for(lambda: job(gw, short.json()["id"])["status"] == "succeeded", 60, "the next job")
         finally:
-            b.send_signal(signal.SIGTERM)  # graceful: finishes within --grace-s
-            b.wait(60)
-            os.killpg(b.pid, signal.SIGKILL) if b.poll() is None else None
+            stop_worker(b)
 
 
 def test_200_jobs_through_3_worker_processes(system, tc_llava_dir):
@@ -139,11 +147,6 @@ def test_200_jobs_through_3_worker_processes(system, tc_llava_dir):
         wait_for(lambda: gw.metrics().get("framewise_job_queue_depth") == 0, 30, "queue depth 0")
     finally:
         for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
+            stop_worker(w)
         for log in logs:
             log.close()
