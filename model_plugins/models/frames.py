@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor
 
 from model_plugins.preprocess import ImageProcessorConfig, InvalidMediaError, as_frames, clip_preprocess
 
@@ -73,3 +74,25 @@ def pixels_per_item(kwargs: Mapping[str, object]) -> list[torch.Tensor]:
                 sizes = torch.as_tensor(kwargs["video_num_frames"]).flatten().tolist()
                 items.extend(torch.split(pixels, sizes))
     return items
+
+
+class FramesDummyInputsBuilder(BaseDummyInputsBuilder):
+    """Profiling inputs for a model whose config has ``vision_config.image_size`` and ``max_frames``."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        cfg = self.info.get_hf_config()
+        return dummy_frames(self, cfg.vision_config.image_size, cfg.max_frames, mm_counts, mm_options)
+
+
+class FramesMultiModalProcessor(BaseMultiModalProcessor):
+    """No HF processor: frames are validated and preprocessed here, in torch. The info class
+    provides ``get_image_processor_config()``; subclasses add ``_get_prompt_updates``."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        return frames_to_pixels(hf_data, self.info.get_image_processor_config(), self.info.get_hf_config().max_frames)
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        return frames_fields_config(hf_inputs)

@@ -19,7 +19,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BatchFeature
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
@@ -35,10 +34,8 @@ from vllm.model_executor.models.interfaces import (
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.processing import (
-    BaseDummyInputsBuilder,
-    BaseMultiModalProcessor,
     BaseProcessingInfo,
     PromptReplacement,
     PromptUpdate,
@@ -48,7 +45,7 @@ from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import TCLlavaConfig
 from model_plugins.layers.temporal import VisualSpan, rope_inv_freq, shifted_position_rows
-from model_plugins.models.frames import dummy_frames, frames_fields_config, frames_to_pixels, pixels_per_item
+from model_plugins.models.frames import FramesDummyInputsBuilder, FramesMultiModalProcessor, pixels_per_item
 from model_plugins.preprocess import load_image_processor_config
 
 # ----------------------------------------------------------------------------------------
@@ -72,24 +69,11 @@ class TCLlavaProcessingInfo(BaseProcessingInfo):
         return {"image": cfg.tokens_per_frame, "video": cfg.tokens_per_frame * cfg.max_frames}
 
 
-class TCLlavaDummyInputsBuilder(BaseDummyInputsBuilder[TCLlavaProcessingInfo]):
-    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
-
-    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
-        cfg = self.info.get_hf_config()
-        return dummy_frames(self, cfg.vision_config.image_size, cfg.max_frames, mm_counts, mm_options)
+class TCLlavaDummyInputsBuilder(FramesDummyInputsBuilder):
+    pass
 
 
-class TCLlavaMultiModalProcessor(BaseMultiModalProcessor[TCLlavaProcessingInfo]):
-    """No HF processor: frames are validated and preprocessed here, in torch."""
-
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        return frames_to_pixels(hf_data, self.info.get_image_processor_config(), self.info.get_hf_config().max_frames)
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return frames_fields_config(hf_inputs)
-
+class TCLlavaMultiModalProcessor(FramesMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptUpdate]:
         cfg = self.info.get_hf_config()
         m = cfg.tokens_per_frame

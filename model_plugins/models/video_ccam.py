@@ -16,16 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import (
-    BaseDummyInputsBuilder,
-    BaseMultiModalProcessor,
     BaseProcessingInfo,
     PromptReplacement,
     PromptUpdate,
@@ -34,7 +30,7 @@ from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import VideoCCAMConfig
 from model_plugins.layers.ccam import CCAMProjector
-from model_plugins.models.frames import dummy_frames, frames_fields_config, frames_to_pixels, pixels_per_item
+from model_plugins.models.frames import FramesDummyInputsBuilder, FramesMultiModalProcessor, pixels_per_item
 from model_plugins.preprocess import ImageProcessorConfig, load_image_processor_config
 
 
@@ -55,22 +51,11 @@ class VideoCCAMProcessingInfo(BaseProcessingInfo):
         return {"image": n, "video": n}
 
 
-class VideoCCAMDummyInputsBuilder(BaseDummyInputsBuilder[VideoCCAMProcessingInfo]):
-    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
-
-    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
-        cfg = self.info.get_hf_config()
-        return dummy_frames(self, cfg.vision_config.image_size, cfg.max_frames, mm_counts, mm_options)
+class VideoCCAMDummyInputsBuilder(FramesDummyInputsBuilder):
+    pass
 
 
-class VideoCCAMMultiModalProcessor(BaseMultiModalProcessor[VideoCCAMProcessingInfo]):
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        return frames_to_pixels(hf_data, self.info.get_image_processor_config(), self.info.get_hf_config().max_frames)
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return frames_fields_config(hf_inputs)
-
+class VideoCCAMMultiModalProcessor(FramesMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptUpdate]:
         cfg = self.info.get_hf_config()
         n = cfg.num_query
