@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor
+from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
 from model_plugins.preprocess import ImageProcessorConfig, InvalidMediaError, as_frames, clip_preprocess
 
@@ -38,26 +38,6 @@ def frames_to_pixels(hf_data: Mapping[str, object], ipc: ImageProcessorConfig, m
     return BatchFeature(out)
 
 
-def frames_fields_config(hf_inputs: Mapping[str, torch.Tensor]) -> Mapping[str, MultiModalFieldConfig]:
-    num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
-    return dict(
-        pixel_values=MultiModalFieldConfig.batched("image"),
-        pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
-        video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-    )
-
-
-def dummy_frames(builder, size: int, max_frames: int, mm_counts: Mapping[str, int], mm_options) -> dict:
-    """Profiling inputs: square images, and videos of ``max_frames`` frames."""
-    options = mm_options or {}
-    return {
-        "image": builder._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
-                                           overrides=options.get("image")),
-        "video": builder._get_dummy_videos(width=size, height=size, num_frames=max_frames,
-                                           num_videos=mm_counts.get("video", 0), overrides=options.get("video")),
-    }
-
-
 def pixels_per_item(kwargs: Mapping[str, object]) -> list[torch.Tensor]:
     """``(T, 3, S, S)`` pixels of every item, in the modality order vLLM passed (images: T = 1)."""
     items: list[torch.Tensor] = []
@@ -76,15 +56,30 @@ def pixels_per_item(kwargs: Mapping[str, object]) -> list[torch.Tensor]:
     return items
 
 
+class FramesProcessingInfo(BaseProcessingInfo):
+    """Any number of images and videos per prompt; subclasses give ``get_hf_config``,
+    ``get_image_processor_config`` and ``get_mm_max_tokens_per_item``."""
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None, "video": None}
+
+
 class FramesDummyInputsBuilder(BaseDummyInputsBuilder):
-    """Profiling inputs for a model whose config has ``vision_config.image_size`` and ``max_frames``."""
+    """Profiling inputs: square images, and videos of ``max_frames`` frames (the config has
+    ``vision_config.image_size`` and ``max_frames``)."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         cfg = self.info.get_hf_config()
-        return dummy_frames(self, cfg.vision_config.image_size, cfg.max_frames, mm_counts, mm_options)
+        size, options = cfg.vision_config.image_size, mm_options or {}
+        return {
+            "image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
+                                            overrides=options.get("image")),
+            "video": self._get_dummy_videos(width=size, height=size, num_frames=cfg.max_frames,
+                                            num_videos=mm_counts.get("video", 0), overrides=options.get("video")),
+        }
 
 
 class FramesMultiModalProcessor(BaseMultiModalProcessor):
@@ -95,4 +90,18 @@ class FramesMultiModalProcessor(BaseMultiModalProcessor):
         return frames_to_pixels(hf_data, self.info.get_image_processor_config(), self.info.get_hf_config().max_frames)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return frames_fields_config(hf_inputs)
+        num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
+        return dict(
+            pixel_values=MultiModalFieldConfig.batched("image"),
+            pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
+            video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+        )
+
+
+def frames_placeholder(model: str, modality: str) -> str:
+    """``get_placeholder_str`` of a model that takes images and videos."""
+    if modality.startswith("image"):
+        return "<image>"
+    if modality.startswith("video"):
+        return "<video>"
+    raise ValueError(f"{model} takes images and videos, not {modality}")

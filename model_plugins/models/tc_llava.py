@@ -35,17 +35,19 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
-from vllm.multimodal.processing import (
-    BaseProcessingInfo,
-    PromptReplacement,
-    PromptUpdate,
-)
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import TCLlavaConfig
 from model_plugins.layers.temporal import VisualSpan, rope_inv_freq, shifted_position_rows
-from model_plugins.models.frames import FramesDummyInputsBuilder, FramesMultiModalProcessor, pixels_per_item
+from model_plugins.models.frames import (
+    FramesDummyInputsBuilder,
+    FramesMultiModalProcessor,
+    FramesProcessingInfo,
+    frames_placeholder,
+    pixels_per_item,
+)
 from model_plugins.preprocess import load_image_processor_config
 
 # ----------------------------------------------------------------------------------------
@@ -53,12 +55,9 @@ from model_plugins.preprocess import load_image_processor_config
 # ----------------------------------------------------------------------------------------
 
 
-class TCLlavaProcessingInfo(BaseProcessingInfo):
+class TCLlavaProcessingInfo(FramesProcessingInfo):
     def get_hf_config(self) -> TCLlavaConfig:
         return self.ctx.get_hf_config(TCLlavaConfig)
-
-    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None, "video": None}
 
     def get_image_processor_config(self):
         cfg = self.get_hf_config()
@@ -67,10 +66,6 @@ class TCLlavaProcessingInfo(BaseProcessingInfo):
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         cfg = self.get_hf_config()
         return {"image": cfg.tokens_per_frame, "video": cfg.tokens_per_frame * cfg.max_frames}
-
-
-class TCLlavaDummyInputsBuilder(FramesDummyInputsBuilder):
-    pass
 
 
 class TCLlavaMultiModalProcessor(FramesMultiModalProcessor):
@@ -225,7 +220,7 @@ def vision_layers_needed(config: TCLlavaConfig) -> int:
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    TCLlavaMultiModalProcessor, info=TCLlavaProcessingInfo, dummy_inputs=TCLlavaDummyInputsBuilder
+    TCLlavaMultiModalProcessor, info=TCLlavaProcessingInfo, dummy_inputs=FramesDummyInputsBuilder
 )
 class TCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -242,11 +237,7 @@ class TCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRo
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        if modality.startswith("image"):
-            return "<image>"
-        if modality.startswith("video"):
-            return "<video>"
-        raise ValueError(f"TC-LLaVA takes images and videos, not {modality}")
+        return frames_placeholder("TC-LLaVA", modality)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

@@ -21,25 +21,24 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings, Supports
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import (
-    BaseProcessingInfo,
-    PromptReplacement,
-    PromptUpdate,
-)
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import VideoCCAMConfig
 from model_plugins.layers.ccam import CCAMProjector
-from model_plugins.models.frames import FramesDummyInputsBuilder, FramesMultiModalProcessor, pixels_per_item
+from model_plugins.models.frames import (
+    FramesDummyInputsBuilder,
+    FramesMultiModalProcessor,
+    FramesProcessingInfo,
+    frames_placeholder,
+    pixels_per_item,
+)
 from model_plugins.preprocess import ImageProcessorConfig, load_image_processor_config
 
 
-class VideoCCAMProcessingInfo(BaseProcessingInfo):
+class VideoCCAMProcessingInfo(FramesProcessingInfo):
     def get_hf_config(self) -> VideoCCAMConfig:
         return self.ctx.get_hf_config(VideoCCAMConfig)
-
-    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None, "video": None}
 
     def get_image_processor_config(self) -> ImageProcessorConfig:
         size = self.get_hf_config().vision_config.image_size
@@ -49,10 +48,6 @@ class VideoCCAMProcessingInfo(BaseProcessingInfo):
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         n = self.get_hf_config().num_query
         return {"image": n, "video": n}
-
-
-class VideoCCAMDummyInputsBuilder(FramesDummyInputsBuilder):
-    pass
 
 
 class VideoCCAMMultiModalProcessor(FramesMultiModalProcessor):
@@ -84,16 +79,12 @@ def projector_key_report(expected: Mapping[str, tuple], found: Mapping[str, tupl
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    VideoCCAMMultiModalProcessor, info=VideoCCAMProcessingInfo, dummy_inputs=VideoCCAMDummyInputsBuilder
+    VideoCCAMMultiModalProcessor, info=VideoCCAMProcessingInfo, dummy_inputs=FramesDummyInputsBuilder
 )
 class VideoCCAMForConditionalGeneration(nn.Module, SupportsMultiModal):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        if modality.startswith("image"):
-            return "<image>"
-        if modality.startswith("video"):
-            return "<video>"
-        raise ValueError(f"Video-CCAM takes images and videos, not {modality}")
+        return frames_placeholder("Video-CCAM", modality)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
