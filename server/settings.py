@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     api_keys: CommaList = Field(default_factory=list)
     max_concurrent_requests: int = 64
     request_timeout_s: float = 600.0
+    log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
 
     # media fetching
     max_video_mb: float = 256.0

@@ -85,6 +85,19 @@ def test_sparse_sampling_seeks_instead_of_decoding_everything(clips):
     assert v.seeks >= 3 and v.decoded_frames < 600 / 2
 
 
+def test_parallel_decoders_return_exactly_what_one_decoder_returns(clips):
+    """Runs starting at different keyframes go to independent decoders; the frames,
+    their order and timestamps must not depend on how the runs were shared out."""
+    for params in (SamplingParams(12), SamplingParams(7, start=3.1, end=17.9), SamplingParams(fps=0.5)):
+        one = sample_video(clips["long_gop"], params, default_frames=8, max_frames=64, limits=DecodeLimits(threads=1))
+        two = sample_video(clips["long_gop"], params, default_frames=8, max_frames=64, limits=DecodeLimits(threads=2))
+        assert (one.extra["decoders"], two.extra["decoders"]) == (1, 2)
+        assert np.array_equal(one.frames, two.frames) and one.timestamps == two.timestamps
+        assert [read_index(f) for f in two.frames] == [round(t * 30) for t in two.timestamps]
+    # dense sampling inside one GOP is a single run: one decoder, FFmpeg's own threads
+    assert sample_video(clips["h264"], SamplingParams(8), default_frames=8, max_frames=8).extra["decoders"] == 1
+
+
 def test_scaling_in_the_decoder_keeps_aspect(clips):
     _, v = indices(clips["h264"], 2, edge=56)
     assert v.frames.shape == (2, 56, 90, 3)
