@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from contextlib import asynccontextmanager
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 
+from server import logs
 from server.engine import Engine
 from server.errors import install_error_handlers
 from server.jobs import make_queue
 from server.jobs.worker import JobWorker, run_chat_job
+from server.logs import new_request_id
 from server.media.fetch import MediaFetcher
 from server.media.files import FileStore
 from server.media.sources import MediaResolver
@@ -25,6 +28,7 @@ from server.video.pool import DecodePool
 from server.video.service import FrameCache, VideoService
 
 MB = 1 << 20
+access_log = logging.getLogger("framewise.access")
 
 
 @dataclass
@@ -107,10 +111,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @app.middleware("http")
     async def record(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
+        rid = new_request_id(request.headers.get("x-request-id"))
+        request.state.request_id = rid
+        token = logs.request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            logs.request_id.reset(token)
         route = getattr(request.scope.get("route"), "path", "unmatched")
+        elapsed = time.perf_counter() - start
         services.metrics.requests.labels(route, str(response.status_code)).inc()
-        services.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
+        services.metrics.request_seconds.labels(route).observe(elapsed)
+        response.headers["X-Request-ID"] = rid
+        # a streamed response is logged when its headers go out (the completion logs its end)
+        access_log.info("%s %s %d", request.method, request.url.path, response.status_code,
+                        extra={"request_id": rid, "route": route, "status": response.status_code,
+                               "ms": round(elapsed * 1000, 1),
+                               "client": request.client.host if request.client else None})
         return response
 
     return app

@@ -117,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.logs import configure_logging
     from server.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items()
@@ -130,8 +131,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"no checkpoint at {settings.model}; run `framewise demo-model --arch tc-llava --out {settings.model}`",
               file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
     return 0
 
 
@@ -142,10 +144,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
     from server.app import build_services
+    from server.logs import configure_logging
     from server.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.redis_url:
         print("framewise worker needs --redis-url or REDIS_URL", file=sys.stderr)
         return 2
@@ -225,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat completions whose video lasts longer run through the job queue (default 600)")
     p.add_argument("--queue-above-mb", type=float, dest="queue_above_mb",
                    help="... or whose video is larger than this (default 128)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--decode-threads", type=int, dest="decode_threads",
+                   help="decoders working on one video in parallel (default 2)")
+    _log_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="engine + job consumer on Redis (flags override FRAMEWISE_* / REDIS_URL)")
@@ -241,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, dest="max_model_len")
     p.add_argument("--files-dir", dest="files_dir")
     p.add_argument("--grace-s", type=float, default=30.0, dest="grace_s", help="time to finish jobs on SIGTERM")
+    _log_flags(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="offline engine demo: answer a question about a video file")
@@ -251,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32)
     p.set_defaults(func=cmd_demo)
     return ap
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error (default info)")
+    p.add_argument("--log-format", dest="log_format", choices=["json", "text"],
+                   help="json: one object per line with request/job ids (default); text: for humans")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,6 +14,9 @@ from server.video.decode import MediaError
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable_error", 504: "timeout_error"}
+
+
+log = logging.getLogger("framewise.errors")
 
 
 class APIError(Exception):
@@ -36,11 +41,13 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
+        log.info("request refused: %s", exc.message, extra={"code": exc.code, "status": exc.status})
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
     @app.exception_handler(MediaError)
     async def _media_error(request: Request, exc: MediaError):
+        log.info("media refused: %s", exc.message, extra={"code": exc.code, "status": exc.status})
         return error_response(exc.status, exc.code, exc.message, "messages")
 
     @app.exception_handler(RequestValidationError)
@@ -57,4 +64,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+        # runs outside the request-id middleware: the id is read back from the request state
+        rid = getattr(request.state, "request_id", None)
+        log.error("unhandled error", exc_info=exc, extra={"request_id": rid, "code": "internal_error",
+                                                           "status": 500})
+        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}",
+                              headers={"X-Request-ID": rid} if rid else None)

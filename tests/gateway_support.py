@@ -86,7 +86,7 @@ class Gateway:
         self.log_path = workdir / "gateway.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
-               "--api-key", api_key, "--files-dir", str(workdir / "files"), "--log-level", "warning", *args]
+               "--api-key", api_key, "--files-dir", str(workdir / "files"), "--log-level", "info", *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "FRAMEWISE_ALLOWED_MEDIA_HOSTS": allowed_hosts, "VLLM_CPU_KVCACHE_SPACE": "1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import subprocess
@@ -393,3 +394,64 @@ def test_long_video_chat_completion_runs_as_a_job(gateway, media, client):
     # short videos are not queued
     short = client.chat.completions.create(model=MODEL, messages=video_message(media.url("h264.mp4")), max_tokens=2)
     assert "job_id" not in short.model_extra["framewise"]
+
+
+# ---- structured logs -----------------------------------------------------------------------
+
+
+def _log_entries(gateway) -> list[dict]:
+    entries = []
+    for line in gateway.log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(entry := json.loads(line), dict):
+                entries.append(entry)
+    return entries
+
+
+def _wait_for_entry(gateway, match, timeout: float = 10) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for entry in _log_entries(gateway):
+            if match(entry):
+                return entry
+        time.sleep(0.1)
+    raise AssertionError("no matching log line")
+
+
+def test_json_logs_carry_the_request_id(gateway, media):
+    body = {"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=4), "max_tokens": 4}
+    r = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, timeout=60,
+                   headers={**gateway.headers, "X-Request-ID": "client-trace.42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-trace.42"
+    access = _wait_for_entry(gateway, lambda e: e.get("logger") == "framewise.access"
+                             and e.get("request_id") == "client-trace.42")
+    assert access["status"] == 200 and access["route"] == "/v1/chat/completions" and access["ms"] > 0
+    chat = _wait_for_entry(gateway, lambda e: e.get("logger") == "framewise.chat"
+                           and e.get("completion_id") == r.json()["id"])
+    assert chat["request_id"] == "client-trace.42" and chat["outcome"] == "ok" and chat["frames"] == 4
+    assert chat["completion_tokens"] == r.json()["usage"]["completion_tokens"] and chat["decode_ms"] >= 0
+    assert {"ts", "level", "msg"} <= chat.keys() and "vllm_process_name" not in chat
+    # uvicorn's own access line is replaced by ours (which has the id)
+    assert not [e for e in _log_entries(gateway) if e.get("logger") == "uvicorn.access"]
+
+    # a streamed completion logs its end under the same id
+    body["stream"] = True
+    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body, timeout=60,
+                      headers={**gateway.headers, "X-Request-ID": "client-stream-7"}) as s:
+        assert s.headers["x-request-id"] == "client-stream-7"
+        assert [line for line in s.iter_lines() if line][-1] == "data: [DONE]"
+    streamed = _wait_for_entry(gateway, lambda e: e.get("logger") == "framewise.chat"
+                               and e.get("request_id") == "client-stream-7")
+    assert streamed["stream"] is True and streamed["outcome"] == "ok" and streamed["completion_tokens"] >= 1
+
+    # an unusable client id is replaced; a refused request is logged with its error code
+    r = post(gateway, {"model": MODEL, "messages": video_message(media.url("random.mp4"))})
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 400 and rid.startswith("req-")
+    r = httpx.post(f"{gateway.base_url}/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": video_message(media.url("zero.mp4"))},
+                   headers={**gateway.headers, "X-Request-ID": "bad id\twith spaces"})
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 400 and rid.startswith("req-") and rid != "bad id\twith spaces"
+    refused = _wait_for_entry(gateway, lambda e: e.get("request_id") == rid and e.get("logger") == "framewise.errors")
+    assert refused["code"] == r.json()["error"]["code"] and refused["status"] == 400

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from server import logs
 from server.errors import APIError
 from server.jobs.base import Claim, Job
 from server.video.decode import MediaError
@@ -123,6 +124,8 @@ class JobWorker:
 
     async def _run_one(self, claim: Claim) -> None:
         job = claim.job
+        logs.job_id.set(job.id)  # this task's context only: every line logged for the job carries it
+        log.info("job started", extra={"attempt": job.attempts, "worker": self.consumer})
         start = time.perf_counter()
         work = asyncio.create_task(self.execute(job, lambda ev: self.queue.progress(claim, ev)))
         beat = asyncio.create_task(self._heartbeat(claim, work))
@@ -147,6 +150,8 @@ class JobWorker:
                                                          "message": f"{type(e).__name__}: {e}"}, True)
         finally:
             beat.cancel()
+            log.info("job %s", outcome, extra={"outcome": outcome,
+                                                "ms": round((time.perf_counter() - start) * 1000, 1)})
             if self.metrics is not None:
                 self.metrics.jobs.labels(outcome).inc()
                 self.metrics.job_seconds.observe(time.perf_counter() - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 
@@ -27,6 +28,7 @@ from server.deps import get_services, require_api_key
 from server.errors import APIError, error_body
 from server.schemas import ChatCompletionRequest
 
+log = logging.getLogger("framewise.chat")
 router = APIRouter(prefix="/v1/chat", tags=["chat"], dependencies=[Depends(require_api_key)])
 
 
@@ -79,11 +81,30 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(services, slot, prepared, params, request_id, ids, include_usage, top_k),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    started = time.perf_counter()
     try:
         final = await _run_until_done(services, request, prepared, params, request_id)
+    except APIError as e:
+        _log_completion(ids, request_id, prepared, started, e.code)
+        raise
     finally:
         slot.release()
+    _log_completion(ids, request_id, prepared, started, "ok", len(final.prompt_token_ids),
+                    sum(len(c.token_ids) for c in final.outputs), [c.finish_reason for c in final.outputs])
     return JSONResponse(completion_body(ids, final, prepared, top_k))
+
+
+def _log_completion(ids: CompletionIds, engine_request_id: str, prepared, started: float, outcome: str,
+                    prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                    finish_reasons: list | None = None, stream: bool = False) -> None:
+    """One line per chat completion: what was asked of the engine and what came back."""
+    videos = [m for m in prepared.media if m["type"] == "video"]
+    log.info("chat completion %s", outcome, extra={
+        "completion_id": ids.id, "engine_request_id": engine_request_id, "model": ids.model, "stream": stream,
+        "outcome": outcome, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "finish_reasons": finish_reasons, "videos": len(videos), "frames": prepared.video_frames,
+        "fetch_ms": sum(m["fetch_ms"] for m in prepared.media), "decode_ms": sum(m.get("decode_ms", 0) for m in videos),
+        "ms": round((time.perf_counter() - started) * 1000, 1)})
 
 
 async def _client_gone(request: Request) -> None:
@@ -129,8 +150,10 @@ async def _run_until_done(services, request: Request, prepared, params, request_
 async def _stream(services, slot: _Slot, prepared, params, request_id, ids, include_usage: bool, top_k: int):
     start = time.perf_counter()
     finished = False
+    outcome = "client_disconnected"
     prompt_tokens = completion_tokens = 0
     started: set[int] = set()
+    reasons: dict[int, str] = {}
     try:
         try:
             async for out in services.engine.generate(prepared.prompt, params, request_id):
@@ -147,21 +170,24 @@ async def _stream(services, slot: _Slot, prepared, params, request_id, ids, incl
                         yield chunk(ids, [delta_choice(c.index, {"content": c.text},
                                                        logprobs=logprobs_of(c.token_ids, c.logprobs, top_k))])
                     if c.finish_reason is not None:
+                        reasons[c.index] = c.finish_reason
                         reason = "stop" if c.finish_reason == "abort" else c.finish_reason
                         yield chunk(ids, [delta_choice(c.index, {}, finish_reason=reason)])
         except (ValueError, VLLMClientError) as e:
             err = _engine_error(e)
             yield f"data: {json.dumps(error_body(err.status, err.code, err.message, err.param))}\n\n"
-            finished = True
+            finished, outcome = True, err.code
             return
         if include_usage:
             yield chunk(ids, [], usage=usage_of(prompt_tokens, completion_tokens, prepared))
         yield "data: [DONE]\n\n"
-        finished = True
+        finished, outcome = True, "ok"
         services.metrics.prompt_tokens.inc(prompt_tokens)
         services.metrics.completion_tokens.inc(completion_tokens)
     finally:
         slot.release()
+        _log_completion(ids, request_id, prepared, start, outcome, prompt_tokens, completion_tokens,
+                        [reasons.get(i) for i in sorted(started)], stream=True)
         if not finished:  # client went away mid-stream: free the engine request
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().create_task(services.engine.abort(request_id))
@@ -172,6 +198,7 @@ async def _stream(services, slot: _Slot, prepared, params, request_id, ids, incl
 
 async def _via_queue(services, body: ChatCompletionRequest, request: Request):
     job, _ = await services.jobs.submit(body.model_dump(exclude_none=True))
+    log.info("long video: chat completion runs as a job", extra={"job_id": job.id, "stream": bool(body.stream)})
     keepalive = services.settings.queue_keepalive_s
 
     async def wait_final():
