@@ -41,9 +41,14 @@ def system(tc_llava_dir, tmp_path_factory):
     media.close()
 
 
-def start_worker(model, rs: RedisServer, media: MediaServer, log) -> subprocess.Popen:
+def start_worker(model, rs: RedisServer, media: MediaServer, log, pin: bool = False) -> subprocess.Popen:
+    """``pin``: the worker and the engine processes it spawns get one CPU, the gateway and the test the others.
+    Measured on the 2-core CI VM: an engine spread over both cores generating the tiny model's tokens starved
+    every other process for the whole generation (5-6 s without one wake-up), so a test polling for the
+    generating stage saw the job only once it had finished."""
+    cpu = ["taskset", "-c", str(max(os.sched_getaffinity(0)))] if pin else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "worker", "--model", str(model), "--served-model-name", MODEL,
+        [*cpu, sys.executable, "-m", "server.cli", "worker", "--model", str(model), "--served-model-name", MODEL,
          "--redis-url", rs.url, "--visibility-timeout-s", "10", "--heartbeat-s", "1", "--concurrency", "2",
          "--allowed-media-hosts", f"127.0.0.1:{media.port}", "--grace-s", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -87,13 +92,13 @@ def test_worker_killed_mid_job_another_completes_it_once(system, tc_llava_dir):
     assert again.status_code == 200 and again.json()["id"] == job_id
 
     with open(work / "worker-a.log", "w") as log_a:
-        a = start_worker(tc_llava_dir, rs, media, log_a)
+        a = start_worker(tc_llava_dir, rs, media, log_a, pin=True)
         wait_for(lambda: job(gw, job_id)["progress"].get("stage") == "generating", 180, "worker A to generate")
         os.killpg(a.pid, signal.SIGKILL)
         a.wait(30)
     assert job(gw, job_id)["status"] == "running"
     with open(work / "worker-b.log", "w") as log_b:
-        b = start_worker(tc_llava_dir, rs, media, log_b)
+        b = start_worker(tc_llava_dir, rs, media, log_b, pin=True)
         try:
             done = wait_for(lambda: (j := job(gw, job_id))["status"] in ("succeeded", "failed") and j, 240,
                             "worker B to finish the job")
@@ -101,6 +106,12 @@ def test_worker_killed_mid_job_another_completes_it_once(system, tc_llava_dir):
             assert done["result"]["usage"]["completion_tokens"] == 3000
             r = redis.Redis.from_url(rs.url, decode_responses=True)
             assert r.hget(f"fw:job:{job_id}", "completions") == "1"  # stored exactly once
+            # the worker's JSON log lines name the job: its start (2nd attempt) and its outcome
+            entries = [json.loads(line) for line in (work / "worker-b.log").read_text().splitlines()
+                       if line.startswith("{")]
+            mine = [e for e in entries if e.get("job_id") == job_id and e["logger"] == "framewise.jobs"]
+            assert [(e["msg"], e.get("attempt"), e.get("outcome")) for e in mine] == [
+                ("job started", 2, None), ("job succeeded", None, "succeeded")]
 
             # cancel a running job (held up in a 30 s fetch): the worker drops it and moves on
             slow = {**body, "messages": [{"role": "user", "content": [
