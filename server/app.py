@@ -16,7 +16,6 @@ from server.engine import Engine
 from server.errors import install_error_handlers
 from server.jobs import make_queue
 from server.jobs.worker import JobWorker, run_chat_job
-from server.logs import new_request_id
 from server.media.fetch import MediaFetcher
 from server.media.files import FileStore
 from server.media.sources import MediaResolver
@@ -111,7 +110,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @app.middleware("http")
     async def record(request: Request, call_next):
         start = time.perf_counter()
-        rid = new_request_id(request.headers.get("x-request-id"))
+        rid = logs.new_request_id(request.headers.get("x-request-id"))
         request.state.request_id = rid
         token = logs.request_id.set(rid)
         try:

@@ -35,13 +35,16 @@ async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, d
     defaults = services.engine.defaults
     media = await services.media.resolve(v.url, int(s.max_video_mb * MB))
     try:
-        if route_long and await services.video.is_long(media.path, media.size, s.queue_above_s, s.queue_above_mb):
+        if route_long and s.queue_above_mb is not None and media.size > s.queue_above_mb * MB:
             raise LongVideo(v.url)
         res = await services.video.sample(
             media.path, media.sha256, VideoSampling(v.num_frames, v.fps, v.start, v.end),
-            default_frames=defaults.num_frames, max_frames=defaults.max_frames, shortest_edge=defaults.shortest_edge)
+            default_frames=defaults.num_frames, max_frames=defaults.max_frames, shortest_edge=defaults.shortest_edge,
+            queue_above_s=s.queue_above_s if route_long else None)
     finally:
         media.release()
+    if res is None:
+        raise LongVideo(v.url)
     m = services.metrics
     m.fetch_bytes.inc(media.size)
     m.fetch_seconds.observe(media.fetch_seconds)

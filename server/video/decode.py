@@ -147,18 +147,24 @@ def sample_video(
     max_frames: int,
     shortest_edge: int | None = None,
     limits: DecodeLimits = DecodeLimits(),
-) -> SampledVideo:
+    queue_above_s: float | None = None,
+) -> SampledVideo | VideoInfo:
     """Decode the frames on screen at the planned instants (see ``sampling``).
 
     Targets are grouped into runs that each start at a keyframe (a seek) and decode
     forward; with ``limits.threads`` > 1 and several runs, independent single-threaded
     decoders work through the runs in parallel (GOP-level parallelism scales better
     than FFmpeg's frame threading, which must hand every frame from thread to thread).
+    A video lasting longer than ``queue_above_s`` is not decoded: its :class:`VideoInfo`
+    comes back instead (the gateway runs it as a job).
     """
     container, stream = _open(path)
-    with container:
+    try:
         info = _info(container, stream)
         _check_limits(info, limits)
+        if queue_above_s is not None and info.duration > queue_above_s:
+            container.close()
+            return info
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         duration = info.duration if info.duration > 0 else float("inf")
         try:
@@ -169,6 +175,9 @@ def sample_video(
         tb = float(stream.time_base)
         keyframes = sorted(float(e.timestamp) * tb - t0 for e in stream.index_entries if e.is_keyframe) \
             if stream.index_entries is not None else []
+    except BaseException:
+        container.close()
+        raise
     width, height = _scaled_size(info.width, info.height, shortest_edge)
     runs = _plan_runs(targets, keyframes)
     decoders = max(1, min(limits.threads, len(runs)))
@@ -180,9 +189,12 @@ def sample_video(
     work = iter(runs)
     lock = threading.Lock()
     errors: list[Exception] = []
+    opened = [(container, stream)]  # the first decoder reuses the container the probe read
 
     def decode_runs() -> tuple[int, int]:
-        cursor = _Cursor(path, keyframes, t0, info.frame_rate, codec_threads)
+        with lock:
+            source = opened.pop() if opened else None
+        cursor = _Cursor(*(source or _open(path)), keyframes, t0, info.frame_rate, codec_threads)
         try:
             while True:
                 with lock:
@@ -245,14 +257,13 @@ def _plan_runs(targets: list[float], keyframes: list[float]) -> list[list[int]]:
 class _Cursor:
     """One decoder walking forward through a video, seeking when a keyframe lets it skip ahead."""
 
-    def __init__(self, path: str, keyframes: list[float], t0: float, frame_rate: float, threads: int):
-        self.container, self.stream = _open(path)
+    def __init__(self, container, stream, keyframes: list[float], t0: float, frame_rate: float, threads: int):
+        self.container, self.stream = container, stream
         self.stream.thread_type = "AUTO"
         self.stream.codec_context.thread_count = threads
         self.tb, self.t0, self.keyframes = float(self.stream.time_base), t0, keyframes
         self.skip_margin = max(SKIP_MARGIN_S, SKIP_MARGIN_FRAMES / (frame_rate or 25.0))
         self.decoded = self.seeks = 0
-        self.error: Exception | None = None
         self._it = None
         self._pending = None  # decoded frame past the previous target, not consumed yet
         self._last = None  # last frame at or before the current target

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from server.video.decode import DecodeLimits, MediaError, SampledVideo, probe, sample_video
+from server.video.decode import DecodeLimits, MediaError, SampledVideo, VideoInfo, sample_video
 from server.video.pool import DecodePool
 from server.video.sampling import SamplingParams
 
@@ -53,24 +53,23 @@ class VideoService:
         self.pool, self.cache, self.limits, self.timeout = pool, cache, limits, decode_timeout_s
 
     async def sample(self, path: str, sha256: str, params: SamplingParams, *, default_frames: int,
-                     max_frames: int, shortest_edge: int | None) -> VideoResult:
+                     max_frames: int, shortest_edge: int | None,
+                     queue_above_s: float | None = None) -> VideoResult | None:
+        """The sampled frames, from the cache or the decode pool. ``None``: the video lasts longer
+        than ``queue_above_s`` (read off its header in the same decode call) and was not decoded."""
         key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
         if (hit := self.cache.get(key)) is not None:
+            if queue_above_s is not None and hit.info.duration > queue_above_s:
+                return None
             return VideoResult(hit, 0.0, True)
         start = time.perf_counter()
         video = await self.pool.run(sample_video, path, params, default_frames=default_frames, max_frames=max_frames,
-                                    shortest_edge=shortest_edge, limits=self.limits, timeout=self.timeout)
+                                    shortest_edge=shortest_edge, limits=self.limits, queue_above_s=queue_above_s,
+                                    timeout=self.timeout)
+        if isinstance(video, VideoInfo):
+            return None
         self.cache.put(key, video)
         return VideoResult(video, time.perf_counter() - start, False)
-
-    async def is_long(self, path: str, size: int, above_s: float | None, above_mb: float | None) -> bool:
-        """Cheap pre-flight (container header only) for routing long videos to the job queue."""
-        if above_mb is not None and size > above_mb * (1 << 20):
-            return True
-        if above_s is None:
-            return False
-        info = await self.pool.run(probe, path, self.limits, timeout=self.timeout)
-        return info.duration > above_s
 
     async def load_image(self, path: str) -> np.ndarray:
         return await asyncio.to_thread(_load_image, path, self.limits.max_pixels)
