@@ -79,13 +79,17 @@ class MediaServer:
 
 class Gateway:
     def __init__(self, model: Path, workdir: Path, *, api_key: str, allowed_hosts: str, env: dict | None = None,
-                 args: tuple[str, ...] = ()):
+                 args: tuple[str, ...] = (), pin: bool = False):
+        """``pin``: the server and its engine processes get one CPU, the test process the others. Measured on
+        the 2-core CI VM: an engine spread over both cores, streaming a long generation, starved every other
+        process (the test included) for up to 9 s, so a client could not disconnect before the end."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = workdir / "gateway.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
+        cpu = ["taskset", "-c", str(max(os.sched_getaffinity(0)))] if pin else []
+        cmd = [*cpu, sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
                "--api-key", api_key, "--files-dir", str(workdir / "files"), "--log-level", "info", *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,

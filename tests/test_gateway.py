@@ -58,7 +58,7 @@ def gateway(tc_llava_dir, media, tmp_path_factory):
                  allowed_hosts=f"127.0.0.1:{media.port}", env={"FRAMEWISE_QUEUE_KEEPALIVE_S": "0.05"},
                  args=("--served-model-name", MODEL, "--max-video-mb", "4", "--fetch-timeout-s", "3",
                        "--max-duration-s", "3600", "--max-upload-mb", "1", "--queue-above-s", "5",
-                       "--allowed-local-media-path", str(media.root)))
+                       "--allowed-local-media-path", str(media.root)), pin=True)
     yield gw
     gw.close()
 
