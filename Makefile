@@ -2,13 +2,14 @@
 #   make serve   set up, make the tiny demo checkpoint if missing, start the gateway on 127.0.0.1:8000
 #   make test    set up, then the whole test suite
 #   make demo    the offline engine demo (one video, one answer, timings)
+#   make loadtest  locust against a gateway on 127.0.0.1 (HOST=http://127.0.0.1:PORT, else one on the demo model)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_MODEL ?= .cache/models/tc-llava-demo
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo-model serve demo test lint
+.PHONY: setup demo-model serve demo test lint loadtest
 setup:
 	@bash scripts/setup.sh
 
@@ -28,3 +29,9 @@ test: demo-model
 
 lint: setup
 	$(BIN)/ruff check .
+
+USERS ?= 4
+RUN_TIME ?= 60
+TAGS ?= mixed
+loadtest: demo-model
+	$(BIN)/python -m loadtests.run $(if $(filter http%,$(HOST)),--host $(HOST)) --users $(USERS) --run-time $(RUN_TIME) --tags $(TAGS) $(LOADTEST_ARGS)

@@ -1,8 +1,9 @@
 """Turn a llava-hf checkpoint (e.g. llava-1.5-7b-hf) into a servable TC-LLaVA checkpoint.
 
 Weights are not copied or changed (hard links, or symlinks across filesystems):
-TC-LLaVA is LLaVA-1.5 plus config keys and a ``<video>`` token. A TC-LLaVA
-fine-tune saved in llava-hf layout converts the same way.
+TC-LLaVA is LLaVA-1.5 plus config keys, a ``<video>`` token and a chat template
+that places video parts. A TC-LLaVA fine-tune saved in llava-hf layout converts the
+same way. Video-CCAM v1.0 releases are merged into the v1.2 layout, streamed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+from model_plugins.weights import ShardWriter, iter_safetensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -33,7 +36,10 @@ def llava_to_tc_llava(
     frame_pooling: int = 1,
     num_frames: int = 8,
     max_frames: int = 32,
+    chat_template: str | None = None,
 ) -> Path:
+    """Write the TC-LLaVA checkpoint. Its chat template is the source's (or ``chat_template``)
+    extended to place ``{"type": "video"}`` parts as ``<video>``."""
     from transformers import AutoTokenizer
 
     src, out = Path(src), Path(out)
@@ -67,6 +73,9 @@ def llava_to_tc_llava(
     )
     cfg.pop("image_token_id", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    template = video_chat_template(src, tokenizer, image_token=tokenizer.convert_ids_to_tokens(image_id),
+                                   chat_template=chat_template)
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(out)
 
     for f in src.iterdir():
@@ -77,10 +86,55 @@ def llava_to_tc_llava(
             f.name in TOKENIZER_FILES and not target.exists()
         ):
             shutil.copy(f, target)
+    install_chat_template(out, template)
     return out
 
 
+def video_chat_template(src: Path, tokenizer, *, image_token: str, chat_template: str | None = None) -> str:
+    """The source's chat template extended to video parts (``model_plugins/chat_template.py``).
+
+    The source template is the one transformers' processor would use: ``chat_template.json``
+    (llava-hf's layout) before the tokenizer's own (``chat_template.jinja`` / ``tokenizer_config.json``).
+    """
+    from model_plugins.chat_template import with_video_parts
+
+    def render(template: str, messages: list, add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    if chat_template is None:
+        legacy = src / "chat_template.json"
+        chat_template = (json.loads(legacy.read_text())["chat_template"] if legacy.exists()
+                         else tokenizer.chat_template)
+    if isinstance(chat_template, dict):
+        chat_template = chat_template.get("default")
+    return with_video_parts(chat_template, render, image_token=image_token)
+
+
+def install_chat_template(out: Path, template: str) -> None:
+    """Write ``template`` everywhere transformers 4.x/5.x may read one from, so no stale copy
+    wins: ``chat_template.jinja`` (tokenizer, and processor without the legacy file),
+    ``chat_template.json`` (the processor prefers it when present), the ``chat_template`` key
+    of ``tokenizer_config.json`` (older tokenizers) and of ``processor_config.json``."""
+    (out / "chat_template.jinja").write_text(template)
+    legacy = out / "chat_template.json"
+    if legacy.exists():
+        legacy.unlink()  # replaced, never written through a link into the source
+        legacy.write_text(json.dumps({"chat_template": template}, indent=2))
+    for name, always in (("tokenizer_config.json", True), ("processor_config.json", False)):
+        path = out / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        if always or "chat_template" in data:
+            data["chat_template"] = template
+            path.unlink()  # likewise
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+
+
 # ---- Video-CCAM v1.0 (base LLM + LoRA adapters + projector) -> v1.2 layout -------------------
+# Streamed: source tensors are read one at a time, merged and written into output shards, so
+# peak memory is one output shard plus the (small) adapters, not the whole model twice.
 
 PROJECTOR_FIELDS = ("num_query", "hidden_size", "cross_hidden_size", "num_heads", "num_key_value_heads",
                     "attention_bias", "intermediate_size", "hidden_act", "mlp_bias", "layer_norm_eps", "dropout",
@@ -88,68 +142,74 @@ PROJECTOR_FIELDS = ("num_query", "hidden_size", "cross_hidden_size", "num_heads"
 
 
 def _load_safetensors_dir(path: Path) -> dict:
-    from safetensors.torch import load_file
+    """Every tensor of a checkpoint directory in one dict (small checkpoints and tests only)."""
+    return dict(iter_safetensors(path))
 
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [f.name for f in path.glob("*.safetensors")]
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {path}")
-    state = {}
-    for name in files:
-        state.update(load_file(path / name))
-    return state
+
+class LoraMerge:
+    """W += scale * B @ A for every LoRA pair of a PEFT adapter (scale = alpha / r, or
+    alpha / sqrt(r) with rsLoRA), applied to base weights as they stream past."""
+
+    def __init__(self, adapter_dir: Path, *, strip_prefix: str = "base_model.model."):
+        from safetensors.torch import load_file
+
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+        self.scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+        self.name = adapter_dir.name
+        adapter = load_file(adapter_dir / "adapter_model.safetensors")
+        self.pairs: dict[str, tuple] = {}
+        for key, a in adapter.items():
+            if ".lora_A." not in key:
+                continue
+            module = key[len(strip_prefix):] if key.startswith(strip_prefix) else key
+            self.pairs[f"{module.split('.lora_A.')[0]}.weight"] = (a, adapter[key.replace(".lora_A.", ".lora_B.")])
+        if not self.pairs:
+            raise ValueError(f"no LoRA weights found in {adapter_dir}")
+        self.merged: set[str] = set()
+
+    def __call__(self, name: str, w):
+        pair = self.pairs.get(name)
+        if pair is None:
+            return w
+        a, b = pair
+        self.merged.add(name)
+        return (w.float() + self.scale * (b.float() @ a.float())).to(w.dtype)
+
+    def check(self) -> int:
+        """The number of merged weights; raises if the base lacked a weight the adapter targets."""
+        missing = sorted(set(self.pairs) - self.merged)
+        if missing:
+            raise KeyError(f"LoRA adapter {self.name} targets {missing[0]}, which the base weights lack")
+        return len(self.merged)
 
 
 def merge_lora(state: dict, adapter_dir: Path, *, strip_prefix: str = "base_model.model.") -> int:
-    """W += scale * B @ A for every LoRA pair of a PEFT adapter (scale = alpha / r, or
-    alpha / sqrt(r) with rsLoRA). Returns the number of merged weights."""
-    from safetensors.torch import load_file
+    """``LoraMerge`` over an in-memory state dict. Returns the number of merged weights."""
+    merge = LoraMerge(adapter_dir, strip_prefix=strip_prefix)
+    for key in list(state):
+        state[key] = merge(key, state[key])
+    return merge.check()
 
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-    adapter = load_file(adapter_dir / "adapter_model.safetensors")
-    merged = 0
-    for key, a in adapter.items():
-        if ".lora_A." not in key:
-            continue
-        b = adapter[key.replace(".lora_A.", ".lora_B.")]
-        module = key[len(strip_prefix):] if key.startswith(strip_prefix) else key
-        module = module.split(".lora_A.")[0]
-        target = f"{module}.weight"
-        if target not in state:
-            raise KeyError(f"LoRA adapter {adapter_dir.name} targets {target}, which the base weights lack")
-        w = state[target]
-        state[target] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-        merged += 1
-    if merged == 0:
-        raise ValueError(f"no LoRA weights found in {adapter_dir}")
-    return merged
+
+def _vision_key(key: str) -> str | None:
+    if key.startswith("text_model."):
+        return None  # a full SigLIP checkpoint: the text tower is not used
+    return key if key.startswith("vision_model.") else f"vision_model.{key}"
 
 
 def video_ccam_v10_to_v12(v10: str | os.PathLike, base_llm: str | os.PathLike, vision: str | os.PathLike,
-                          out: str | os.PathLike, *, num_frames: int = 16, max_frames: int = 96) -> Path:
+                          out: str | os.PathLike, *, num_frames: int = 16, max_frames: int = 96,
+                          max_shard_bytes: int = 2 << 30) -> Path:
     """Merge a Video-CCAM v1.0 release (projector/, llm_adapter/, visual_encoder_adapter/) with its
-    base LLM and SigLIP into one v1.2-layout checkpoint Framewise serves."""
-    from safetensors.torch import save_file
+    base LLM and SigLIP into one v1.2-layout checkpoint Framewise serves (shards of at most
+    ``max_shard_bytes``; one ``model.safetensors`` when it fits)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from model_plugins.configs import VideoCCAMConfig
     from model_plugins.preprocess import ImageProcessorConfig
 
     v10, base_llm, vision, out = Path(v10), Path(base_llm), Path(vision), Path(out)
-    llm_state = _load_safetensors_dir(base_llm)
-    if (v10 / "llm_adapter").exists():
-        merge_lora(llm_state, v10 / "llm_adapter")
-    vis_state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v
-                 for k, v in _load_safetensors_dir(vision).items() if not k.startswith("text_model.")}
-    if (v10 / "visual_encoder_adapter").exists():
-        merge_lora(vis_state, v10 / "visual_encoder_adapter")
-    proj_state = _load_safetensors_dir(v10 / "projector")
-
     vis_cfg = AutoConfig.from_pretrained(vision)
     vis_cfg = getattr(vis_cfg, "vision_config", vis_cfg)
     text_cfg = AutoConfig.from_pretrained(base_llm)
@@ -171,10 +231,24 @@ def video_ccam_v10_to_v12(v10: str | os.PathLike, base_llm: str | os.PathLike, v
         max_frames=max_frames, dtype=str(getattr(text_cfg, "dtype", None) or "bfloat16").replace("torch.", ""))
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {**{f"llm.{k}": v for k, v in llm_state.items()},
-             **{f"vision_encoder.{k}": v for k, v in vis_state.items()},
-             **{f"projector.{k}": v for k, v in proj_state.items()}}
-    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    sources = (("llm.", base_llm, str, v10 / "llm_adapter"),
+               ("vision_encoder.", vision, _vision_key, v10 / "visual_encoder_adapter"),
+               ("projector.", v10 / "projector", str, None))
+    writer = ShardWriter(out, max_shard_bytes)
+    try:
+        for prefix, src, rename, adapter in sources:
+            merge = LoraMerge(adapter) if adapter is not None and adapter.exists() else None
+            for key, tensor in iter_safetensors(src):
+                key = rename(key)
+                if key is not None:
+                    writer.add(prefix + key, merge(key, tensor) if merge else tensor)
+                del tensor  # drop the source tensor before reading the next
+            if merge:
+                merge.check()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(

@@ -10,16 +10,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from vllm.exceptions import VLLMClientError
 
 from server import logs
+from server.chat.pipeline import run_chat_job
 from server.engine import Engine
-from server.errors import install_error_handlers
+from server.errors import error_response, install_error_handlers
+from server.http_limits import BodyLimitMiddleware, BodyLimits
 from server.jobs import make_queue
-from server.jobs.worker import JobWorker, run_chat_job
+from server.jobs.worker import JobWorker
 from server.media.fetch import MediaFetcher
 from server.media.files import FileStore
 from server.media.sources import MediaResolver
 from server.metrics import Metrics
+from server.openapi import ERROR_RESPONSES
 from server.routers import chat, files, health, jobs, models
 from server.settings import Settings
 from server.video.decode import DecodeLimits
@@ -104,8 +108,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="Framewise", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
+    # a request vLLM refuses (its SamplingParams checks, found by schemathesis as 500s) is the client's error
+    app.add_exception_handler(VLLMClientError, lambda request, exc: error_response(400, "invalid_request", str(exc)))
     for router in (chat.router, files.router, models.router, jobs.router, health.router):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
+    # added before `record` so that middleware (outside this one) logs and counts the 413s too
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings), api_keys=settings.api_keys)
 
     @app.middleware("http")
     async def record(request: Request, call_next):

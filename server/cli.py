@@ -132,8 +132,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                access_log=False, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    from server.engine import Engine
+
+    # SIGTERM: uvicorn closes the listening socket at once (no new connections), lets in-flight requests and
+    # streams finish for up to --drain-timeout-s, then cancels what is left and runs the app's shutdown.
+    app = create_app(settings, Engine(settings, engine_overrides(args)))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                access_log=False, log_level=settings.log_level.lower(), timeout_graceful_shutdown=args.drain_timeout_s)
     return 0
 
 
@@ -154,24 +159,68 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("framewise worker needs --redis-url or REDIS_URL", file=sys.stderr)
         return 2
 
+    from server.engine import Engine
+    from server.worker_http import WorkerHTTP
+
     async def run() -> None:
-        services = build_services(settings)
-        await services.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"framewise worker ready (model {settings.model_name}, queue {settings.redis_url})", flush=True)
+        services = build_services(settings, Engine(settings, engine_overrides(args)))
+        http = None
+        if args.metrics_port is not None:  # up before the engine loads: /health answers 503 until it is ready
+            http = WorkerHTTP(services, args.metrics_host or settings.host, args.metrics_port)
+            await http.start()
         try:
-            await services.worker().run(stop, grace_s=args.grace_s)
+            await services.start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            print(f"framewise worker ready (model {settings.model_name}, queue {settings.redis_url})", flush=True)
+            try:
+                await services.worker().run(stop, grace_s=args.grace_s)
+            finally:
+                await services.stop()
         finally:
-            await services.stop()
+            if http is not None:
+                await http.stop()
 
     asyncio.run(run())
     _exit_without_engine_teardown()
 
 
-def build_parser() -> argparse.ArgumentParser:
+ENGINE_COMMANDS = ("serve", "worker")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's own engine options (``AsyncEngineArgs.add_cli_args``), grouped as vLLM groups them, shown in
+    ``--help``. Flags Framewise already has (``--model``, ``--max-model-len``, ...) keep Framewise's meaning.
+    Defaults are suppressed: only what the user typed reaches the engine, over Framewise's defaults
+    (``server.engine.engine_args``)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vp = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(add_help=False))
+    ours = set(p._option_string_actions)
+    dests = []
+    for vgroup in vp._action_groups:
+        actions = [a for a in vgroup._group_actions if a.option_strings and not ours & set(a.option_strings)]
+        if not actions:
+            continue
+        group = p.add_argument_group(f"vLLM engine options: {vgroup.title}")
+        for action in actions:
+            action.default = argparse.SUPPRESS
+            action.required = False
+            group._add_action(action)
+            dests.append(action.dest)
+    p.set_defaults(engine_dests=tuple(dict.fromkeys(dests)))
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    """The vLLM engine options given on the command line (``dest -> value``)."""
+    return {d: getattr(args, d) for d in getattr(args, "engine_dests", ()) if hasattr(args, d)}
+
+
+def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
+    """``engine_options``: also accept vLLM's engine options on ``serve``/``worker`` (imports vLLM)."""
     ap = argparse.ArgumentParser(prog="framewise", description="Serve video LLMs on vLLM.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -231,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... or whose video is larger than this (default 128)")
     p.add_argument("--decode-threads", type=int, dest="decode_threads",
                    help="decoders working on one video in parallel (default 2)")
+    p.add_argument("--drain-timeout-s", type=float, dest="drain_timeout_s",
+                   default=float(os.environ.get("FRAMEWISE_DRAIN_TIMEOUT_S", "30")),
+                   help="on SIGTERM: stop accepting, let in-flight requests and streams finish for up to this "
+                        "many seconds, then exit (default 30, env FRAMEWISE_DRAIN_TIMEOUT_S)")
     _log_flags(p)
+    if engine_options:
+        add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="engine + job consumer on Redis (flags override FRAMEWISE_* / REDIS_URL)")
@@ -247,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, dest="max_model_len")
     p.add_argument("--files-dir", dest="files_dir")
     p.add_argument("--grace-s", type=float, default=30.0, dest="grace_s", help="time to finish jobs on SIGTERM")
+    p.add_argument("--metrics-port", type=int, dest="metrics_port",
+                   default=int(os.environ["FRAMEWISE_METRICS_PORT"]) if os.environ.get("FRAMEWISE_METRICS_PORT")
+                   else None,
+                   help="serve /metrics (Prometheus) and /health on this port (env FRAMEWISE_METRICS_PORT)")
+    p.add_argument("--metrics-host", dest="metrics_host", help="address for --metrics-port (default: --host setting)")
     _log_flags(p)
+    if engine_options:
+        add_engine_args(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="offline engine demo: answer a question about a video file")
@@ -267,7 +329,8 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    args = build_parser(engine_options=bool(words) and words[0] in ENGINE_COMMANDS).parse_args(argv)
     return args.func(args)
 
 

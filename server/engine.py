@@ -19,9 +19,28 @@ class ModelDefaults:
     max_model_len: int
 
 
+def engine_args(settings: Settings, overrides: dict | None = None):
+    """vLLM ``AsyncEngineArgs``: Framewise's defaults, then every engine option the user gave
+    (``overrides``: vLLM CLI dests such as ``tensor_parallel_size``) on top."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    s = settings
+    defaults = {
+        "model": s.model,
+        "served_model_name": [s.model_name],
+        "max_model_len": s.max_model_len,
+        "enable_prefix_caching": s.enable_prefix_caching,
+        "limit_mm_per_prompt": {"video": s.max_videos_per_request, "image": s.max_images_per_request},
+        "dtype": "float32" if current_platform.is_cpu() else "auto",
+    }
+    return AsyncEngineArgs(**{**defaults, **(overrides or {})})
+
+
 class Engine:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engine_overrides: dict | None = None):
         self.settings = settings
+        self.engine_overrides = dict(engine_overrides or {})
         self.llm = None
         self.tokenizer = None
         self.defaults: ModelDefaults | None = None
@@ -36,21 +55,12 @@ class Engine:
         check_plugin()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from transformers import AutoConfig, AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from model_plugins.preprocess import load_image_processor_config
 
         s = self.settings
-        args = AsyncEngineArgs(
-            model=s.model,
-            served_model_name=[s.model_name],
-            max_model_len=s.max_model_len,
-            enable_prefix_caching=s.enable_prefix_caching,
-            limit_mm_per_prompt={"video": s.max_videos_per_request, "image": s.max_images_per_request},
-            dtype="float32" if current_platform.is_cpu() else "auto",
-        )
+        args = engine_args(s, self.engine_overrides)
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         cfg = AutoConfig.from_pretrained(s.model)
@@ -60,7 +70,7 @@ class Engine:
             num_frames=int(getattr(cfg, "num_frames", 8)),
             max_frames=int(getattr(cfg, "max_frames", 32)),
             shortest_edge=edge,
-            max_model_len=s.max_model_len,
+            max_model_len=int(args.max_model_len or s.max_model_len),
         )
 
     def render(self, messages: list[dict]) -> str:

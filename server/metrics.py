@@ -35,6 +35,20 @@ class Metrics:
         self.job_reclaims = Gauge("framewise_job_reclaims", "Jobs reclaimed from dead workers (this process)",
                                   registry=r)
         self.decode_restarts = Gauge("framewise_decode_worker_restarts", "Decode workers replaced", registry=r)
+        self.engine_ready = Gauge("framewise_engine_ready", "1 while this process's vLLM engine is up", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(VLLM_REGISTRY)
+
+
+async def refresh_queue_gauges(services) -> None:
+    """Queue depth/age gauges are read from the queue at scrape time (gateway and worker /metrics)."""
+    m = services.metrics
+    m.decode_restarts.set(services.pool.restarts)
+    m.engine_ready.set(1 if services.engine.ready else 0)
+    try:
+        m.queue_depth.set(await services.jobs.depth())
+        m.oldest_job_age.set(await services.jobs.oldest_age())
+        m.job_reclaims.set(services.jobs.reclaims)
+    except Exception:  # Redis down: /ready and /health report it; metrics still render
+        pass

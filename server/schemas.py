@@ -55,7 +55,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # vLLM refuses non-finite values
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -65,8 +65,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
     n: int = Field(1, ge=1, le=8)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -83,4 +83,11 @@ class ChatCompletionRequest(BaseModel):
     def _logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+    @model_validator(mode="after")
+    def _min_tokens(self):
+        limit = self.max_completion_tokens or self.max_tokens
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise ValueError("min_tokens must not exceed max_tokens / max_completion_tokens")
         return self

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_video_mb: float = 256.0
     max_image_mb: float = 20.0
     max_upload_mb: float = 512.0
+    # request bodies, counted while they stream in (server/http_limits.py): chat/jobs JSON (None: one
+    # max_video_mb video as a base64 data: URL plus 1 MiB) and every route other than uploads and JSON
+    max_json_body_mb: float | None = None
+    max_body_kb: float = 1024.0
     fetch_timeout_s: float = 30.0
     max_redirects: int = 5
     allowed_media_hosts: CommaList = Field(default_factory=list)

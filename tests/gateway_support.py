@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 
@@ -77,9 +78,46 @@ class MediaServer:
         self.server.server_close()
 
 
+class RecordingServer:
+    """A loopback HTTP server that records every request and serves ``files`` (name -> bytes);
+    ``/to?u=URL`` redirects to URL."""
+
+    def __init__(self, files: dict[str, bytes] | None = None):
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.hits.append(self.path)
+                if self.path.startswith("/to?u="):
+                    self.send_response(302)
+                    self.send_header("Location", unquote(self.path.split("=", 1)[1]))
+                    self.end_headers()
+                    return
+                body = (files or {}).get(self.path.lstrip("/"))
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            do_HEAD = do_POST = do_GET
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Gateway:
     def __init__(self, model: Path, workdir: Path, *, api_key: str, allowed_hosts: str, env: dict | None = None,
-                 args: tuple[str, ...] = (), pin: bool = False):
+                 args: tuple[str, ...] = (), pin: bool = False, ready_s: float = 240):
         """``pin``: the server and its engine processes get one CPU, the test process the others. Measured on
         the 2-core CI VM: an engine spread over both cores, streaming a long generation, starved every other
         process (the test included) for up to 9 s, so a client could not disconnect before the end."""
@@ -96,7 +134,7 @@ class Gateway:
             env={**os.environ, "FRAMEWISE_ALLOWED_MEDIA_HOSTS": allowed_hosts, "VLLM_CPU_KVCACHE_SPACE": "1",
                  **(env or {})},
         )
-        deadline = time.time() + 240
+        deadline = time.time() + ready_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}; log: {self.log_path}")
@@ -107,7 +145,7 @@ class Gateway:
                 pass
             time.sleep(1)
         self.close()
-        raise RuntimeError(f"gateway not ready after 240 s; log: {self.log_path}")
+        raise RuntimeError(f"gateway not ready after {ready_s:.0f} s; log: {self.log_path}")
 
     @property
     def headers(self) -> dict:

@@ -146,6 +146,102 @@ def test_converted_checkpoint_in_vllm_matches_reference(llava_hf_dir, tmp_path_f
         assert_matches_reference(result, reference, req)
 
 
+# llava-hf/llava-1.5-*-hf ship their template in chat_template.json; it renders image and text
+# parts only. Earlier revisions went through the parts in order; later ones render the images
+# first (and mark assistant text with {% generation %}).
+LLAVA_HF_IN_ORDER = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] + ' '}}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_HF_IMAGES_FIRST = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def llava_hf_template_checkpoint(llava_hf_dir, out, template: str, where: str):
+    """``llava_hf_dir`` with only ``template`` as its chat template, in ``chat_template.json``
+    (llava-hf's layout) or in ``tokenizer_config.json``."""
+    out.mkdir()
+    for f in llava_hf_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            os.link(f, out / f.name) if f.suffix == ".safetensors" else shutil.copy(f, out / f.name)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    if where == "tokenizer_config.json":
+        tok_cfg["chat_template"] = template
+    else:
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return out
+
+
+def _parts(*items):
+    return [{"type": "text", "text": x} if x not in ("image", "video") else {"type": x} for x in items]
+
+
+@pytest.mark.parametrize(("template", "where"), [(LLAVA_HF_IN_ORDER, "chat_template.json"),
+                                                 (LLAVA_HF_IMAGES_FIRST, "chat_template.json"),
+                                                 (LLAVA_HF_IN_ORDER, "tokenizer_config.json")])
+def test_convert_installs_a_chat_template_that_places_video(llava_hf_dir, tmp_path, template, where):
+    from transformers import AutoTokenizer
+
+    from model_plugins.convert import llava_to_tc_llava
+
+    src = llava_hf_template_checkpoint(llava_hf_dir, tmp_path / "src", template, where)
+    source_tok = AutoTokenizer.from_pretrained(src)
+    out = llava_to_tc_llava(src, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(out)
+
+    def original(messages):  # the source template, as shipped, on image/text parts
+        return source_tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                              tokenize=False)
+
+    def converted(messages):  # what the gateway renders (server/engine.py)
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    video = [{"role": "user", "content": _parts("video", "What happens?")}]
+    image = [{"role": "user", "content": _parts("image", "What happens?")}]
+    assert converted(video) == original(image).replace("<image>", "<video>") == "USER: <video>\nWhat happens? ASSISTANT:"
+    assert converted(image) == original(image)
+    assert tok(converted(video)).input_ids.count(tok.convert_tokens_to_ids("<video>")) == 1
+    # several turns, images and videos mixed: each video where the source puts that image
+    mixed = [{"role": "user", "content": _parts("Compare", "video", "with", "image")},
+             {"role": "assistant", "content": _parts("They differ.")},
+             {"role": "user", "content": _parts("And", "video")}]
+    as_images = [{**m, "content": [{"type": "image"} if p["type"] == "video" else p for p in m["content"]]}
+                 for m in mixed]
+    pieces = original(as_images).split("<image>")
+    assert len(pieces) == 4
+    assert converted(mixed) == "<video>".join(pieces[:2]) + "<image>" + "<video>".join(pieces[2:])
+    # no stale copy of the image-only template anywhere transformers looks (the processor
+    # prefers chat_template.json over chat_template.jinja; old tokenizers read tokenizer_config.json)
+    installed = (out / "chat_template.jinja").read_text()
+    assert installed == tok.chat_template
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == installed
+    if where == "chat_template.json":
+        assert json.loads((out / "chat_template.json").read_text())["chat_template"] == installed
+    assert template in installed  # the source runs unchanged inside: same conversation format
+
+
+def test_convert_refuses_a_template_with_no_place_for_video(llava_hf_dir, tmp_path):
+    from model_plugins.chat_template import ChatTemplateError
+    from model_plugins.convert import llava_to_tc_llava
+
+    one_image_per_turn = ("{% for message in messages %}USER: <image>\n{{ message['content'][-1]['text'] }} "
+                          "{% endfor %}ASSISTANT:")
+    src = llava_hf_template_checkpoint(llava_hf_dir, tmp_path / "src", one_image_per_turn, "chat_template.json")
+    with pytest.raises(ChatTemplateError, match="renders 1 <image> for 2 image parts"):
+        llava_to_tc_llava(src, tmp_path / "out")
+
+
 def test_convert_rejects_other_model_types(tmp_path):
     src = tmp_path / "qwen"
     src.mkdir()

@@ -157,7 +157,8 @@ def test_jobs_survive_a_redis_restart(redis_server):
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
-                if all((await q.get(i)).status == "succeeded" for i in ids):
+                statuses = [(await q.get(i)).status for i in ids]
+                if all(s == "succeeded" for s in statuses):
                     break
             except Exception:
                 pass

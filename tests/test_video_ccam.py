@@ -4,6 +4,7 @@ vLLM model against the reference (CPU fp32)."""
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -119,6 +120,67 @@ def test_checkpoint_layout(ccam_dir, ccam_tokenizer):
     assert all(k.startswith(("vision_encoder.vision_model.", "projector.", "llm.model.", "llm.lm_head.")) for k in keys)
     pre = json.loads((ccam_dir / "preprocessor_config.json").read_text())
     assert pre["image_processor_type"] == "SiglipImageProcessor" and pre["image_mean"] == [0.5, 0.5, 0.5]
+
+
+class AliveTensors:
+    """Wraps a ``(name, tensor)`` stream and records how many of its tensors (and bytes) were
+    alive at once: a loader that materialises the stream keeps every one of them."""
+
+    def __init__(self, weights):
+        self.weights, self.refs, self.peak, self.peak_bytes = weights, [], 0, 0
+
+    def __iter__(self):
+        for name, tensor in self.weights:
+            self.refs.append((weakref.ref(tensor), tensor.numel() * tensor.element_size()))
+            alive = [size for ref, size in self.refs if ref() is not None]
+            self.peak, self.peak_bytes = max(self.peak, len(alive)), max(self.peak_bytes, sum(alive))
+            yield name, tensor
+            del tensor
+
+
+def test_weights_stream_into_the_model_one_tensor_at_a_time(ccam_dir, tmp_path):
+    """vLLM passes ``load_weights`` a generator over the shards (as in its loader, tensor by
+    tensor); the model consumes it lazily, so loading holds ~one checkpoint tensor beyond the model."""
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+
+    from model_plugins.models.video_ccam import VideoCCAMForConditionalGeneration
+    from model_plugins.weights import ShardWriter, iter_safetensors, safetensors_files
+
+    sharded = variant_checkpoint(ccam_dir, tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    writer = ShardWriter(sharded, max_shard_bytes=(ccam_dir / "model.safetensors").stat().st_size // 3)
+    for name, tensor in iter_safetensors(ccam_dir):
+        writer.add(name, tensor)
+    assert len(writer.close()) >= 3 and (sharded / "model.safetensors.index.json").exists()
+
+    # the reference has the checkpoint's parameter names: it stands in for the vLLM module tree
+    config = VideoCCAMReference.from_pretrained(str(ccam_dir)).config
+    target = VideoCCAMReference(config)
+    stream = AliveTensors(safetensors_weights_iterator([str(f) for f in safetensors_files(sharded)], False))
+    loaded = VideoCCAMForConditionalGeneration.load_weights(target, iter(stream))
+    expected = load_file(ccam_dir / "model.safetensors")
+    assert len(stream.refs) == len(expected) > 100 and loaded == set(expected)
+    assert stream.peak <= 2, f"{stream.peak} checkpoint tensors were alive at once"
+    state = target.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    # the reference loads the shards the same way
+    streamed = VideoCCAMReference.from_pretrained(str(sharded)).state_dict()
+    assert all(torch.equal(streamed[k], v) for k, v in expected.items())
+
+
+def test_projector_mismatch_is_reported_after_streaming(ccam_dir):
+    from model_plugins.models.video_ccam import VideoCCAMForConditionalGeneration
+    from model_plugins.weights import iter_safetensors
+
+    target = VideoCCAMReference(VideoCCAMReference.from_pretrained(str(ccam_dir)).config)
+
+    def renamed():
+        for name, tensor in iter_safetensors(ccam_dir):
+            yield name.replace("projector.ffn_norm.", "projector.extra_norm."), tensor
+
+    with pytest.raises(ValueError, match=r"missing    projector.ffn_norm.weight \(64,\)") as e:
+        VideoCCAMForConditionalGeneration.load_weights(target, renamed())
+    assert "unexpected projector.extra_norm.weight (64,)" in str(e.value)
 
 
 def test_every_item_is_num_query_tokens(ccam_reference, ccam_tokenizer):
@@ -307,6 +369,34 @@ def test_v10_conversion_equals_unmerged_adapters(v10_release, tmp_path):
               for name, m in (("merged", merged), ("unmerged", unmerged), ("plain", plain))}
     assert (logits["merged"] - logits["unmerged"]).abs().max() < 1e-4
     assert (logits["merged"] - logits["plain"]).abs().max() > 1e-2  # the adapters matter
+
+
+def test_v10_conversion_streams_into_shards(v10_release, tmp_path, monkeypatch):
+    """The converter never holds the whole model: at most one output shard of source tensors."""
+    import model_plugins.convert as convert
+
+    args = (v10_release / "v1.0", v10_release / "base", v10_release / "siglip")
+    whole = convert.video_ccam_v10_to_v12(*args, tmp_path / "whole")
+    streams = []
+
+    def tracked(path):
+        streams.append(AliveTensors(convert_iter(path)))
+        return iter(streams[-1])
+
+    convert_iter = convert.iter_safetensors
+    monkeypatch.setattr(convert, "iter_safetensors", tracked)
+    shard = 256 << 10
+    sharded = convert.video_ccam_v10_to_v12(*args, tmp_path / "sharded", max_shard_bytes=shard)
+    total = sum(sum(size for _, size in s.refs) for s in streams)
+    largest = max(size for s in streams for _, size in s.refs)
+    bound = max(shard, largest) + largest  # the shard being filled (or one bigger tensor) + the one being read
+    assert total > 3 * bound
+    assert max(s.peak_bytes for s in streams) <= bound
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 4
+    monkeypatch.setattr(convert, "iter_safetensors", convert_iter)
+    a, b = convert._load_safetensors_dir(whole), convert._load_safetensors_dir(sharded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.engine

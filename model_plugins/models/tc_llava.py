@@ -40,7 +40,13 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import TCLlavaConfig
-from model_plugins.layers.temporal import VisualSpan, rope_inv_freq, shifted_position_rows
+from model_plugins.layers.temporal import (
+    VisualSpan,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+    shifted_position_rows,
+)
 from model_plugins.models.frames import (
     FramesDummyInputsBuilder,
     FramesMultiModalProcessor,
@@ -111,7 +117,8 @@ def frame_block_backend(settings: TemporalSettings):
 
 
 class TemporalRotaryEmbedding(nn.Module):
-    """Rotate-half RoPE at p' = row0 + gamma * row1 (angles in float64, applied in fp32)."""
+    """Rotate-half RoPE at p' = row0 + gamma * row1, by ``layers/temporal.py``'s rope math
+    (angles in float64, applied in fp32)."""
 
     def __init__(self, head_dim: int, theta: float, gamma: float):
         super().__init__()
@@ -123,14 +130,10 @@ class TemporalRotaryEmbedding(nn.Module):
         if positions.ndim != 2:
             raise RuntimeError("TC-LLaVA needs multi-row positions (n, t_n + Delta, n)")
         p = positions[0].double() + self.gamma * positions[1].double()
-        angles = p[:, None] * self.inv_freq.to(device=p.device)[None, :]
-        cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+        cos, sin = rope_cos_sin(p, self.inv_freq.to(device=p.device))
 
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            x = x.view(x.shape[0], -1, self.head_dim)
-            x1, x2 = x.float().chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            return out.to(q.dtype).flatten(1)
+        def rotate(x: torch.Tensor) -> torch.Tensor:  # (tokens, heads * head_dim)
+            return apply_rope(x.view(x.shape[0], -1, self.head_dim), cos, sin).flatten(1)
 
         return rotate(q), rotate(k)
 

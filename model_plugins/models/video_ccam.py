@@ -125,10 +125,23 @@ class VideoCCAMForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.llm.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        weights = list(weights)
-        found = {k[len("projector."):]: tuple(v.shape) for k, v in weights if k.startswith("projector.")}
+        """Stream ``weights`` into the model one tensor at a time (never a list of the whole
+        checkpoint). Projector tensors the projector lacks, or of the wrong shape, are held
+        back and reported together with the missing ones once the stream is consumed."""
         expected = {k: tuple(v.shape) for k, v in self.projector.state_dict().items()}
+        found: dict[str, tuple] = {}
+
+        def checked() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if name.startswith("projector."):
+                    key = name[len("projector."):]
+                    found[key] = tuple(tensor.shape)
+                    if expected.get(key) != found[key]:
+                        continue
+                yield name, tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(checked())
         report = projector_key_report(expected, found)
         if report:
             raise ValueError(report)
-        return AutoWeightsLoader(self).load_weights(weights)
+        return loaded

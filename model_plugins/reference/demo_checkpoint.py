@@ -16,23 +16,11 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
+from model_plugins.chat_template import LLAVA_15_CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 
-# llava-1.5 conversation format; content may be a string or a list of typed parts
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% elif message['role'] == 'user' %}USER: "
-    "{% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
-    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ ' ' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+CHAT_TEMPLATE = LLAVA_15_CHAT_TEMPLATE
 
 _CORPUS = [
     "USER: What happens in this video? ASSISTANT: A person walks across the room and opens a door.",

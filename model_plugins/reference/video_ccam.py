@@ -4,11 +4,9 @@ demo checkpoints. State-dict keys: ``vision_encoder.vision_model.*`` (SigLIP),
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, SiglipVisionModel
 
@@ -16,6 +14,7 @@ from model_plugins.configs import VideoCCAMConfig
 from model_plugins.layers.ccam import CCAMProjector
 from model_plugins.preprocess import ImageProcessorConfig, as_frames, clip_preprocess, load_image_processor_config
 from model_plugins.reference.tc_llava import PreparedPrompt
+from model_plugins.weights import iter_safetensors, load_streamed
 
 
 class VisionEncoder(nn.Module):
@@ -40,7 +39,7 @@ class VideoCCAMReference(nn.Module):
         config = VideoCCAMConfig.from_pretrained(model_dir, **config_overrides)
         ipc = load_image_processor_config(model_dir, config.vision_config.image_size)
         model = cls(config, ipc)
-        model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")), strict=True)
+        load_streamed(model, iter_safetensors(model_dir))  # shard by shard, tensor by tensor
         return model.eval()
 
     @torch.no_grad()

@@ -54,7 +54,8 @@ class JobQueue(Protocol):
     """Both backends (Redis Streams, in-process) implement this."""
 
     async def submit(self, request: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Returns (job, created); an existing job for the same idempotency key is returned as is."""
+        """Returns (job, created); an existing job for the same idempotency key is returned as is
+        (atomically: concurrent submits with one key create one job)."""
 
     async def get(self, job_id: str) -> Job: ...
 
@@ -64,18 +65,26 @@ class JobQueue(Protocol):
 
     async def events(self, job_id: str, last_id: str = "0") -> AsyncIterator[tuple[str, dict]]: ...
 
-    async def claim(self, consumer: str, block_s: float) -> Claim | None: ...
+    async def claim(self, consumer: str, block_s: float) -> Claim | None:
+        """The next queued job, or a running one whose owner stopped heart-beating (reclaimed after
+        the visibility timeout), as a new delivery with its own token."""
 
-    async def heartbeat(self, claim: Claim, consumer: str) -> None: ...
+    # Every state change below takes effect only while ``claim.token`` is the job's current delivery
+    # (a stale worker, whose job was reclaimed or handed back, changes nothing and gets False).
 
-    async def progress(self, claim: Claim, event: dict) -> None: ...
+    async def heartbeat(self, claim: Claim, consumer: str) -> bool:
+        """Extend the delivery's lease; False: this delivery no longer owns a running job."""
 
-    async def complete(self, claim: Claim, result: dict) -> bool: ...
+    async def progress(self, claim: Claim, event: dict) -> bool: ...
 
-    async def fail(self, claim: Claim, error: dict, retry: bool) -> None: ...
+    async def complete(self, claim: Claim, result: dict) -> bool:
+        """Store the result; False when refused (not the owner, or cancelled meanwhile)."""
 
-    async def release(self, claim: Claim) -> None:
-        """Hand a job back (graceful shutdown): another worker takes it."""
+    async def fail(self, claim: Claim, error: dict, retry: bool) -> bool: ...
+
+    async def release(self, claim: Claim) -> bool:
+        """Hand a running job back (graceful shutdown) without counting an attempt: another worker takes it.
+        A finished or cancelled job, or one another delivery owns, is left as it is."""
 
     async def is_cancelled(self, job_id: str) -> bool: ...
 

@@ -1,7 +1,9 @@
 """In-process job queue: the embedded default when no ``REDIS_URL`` is set.
 
-Same semantics as the Redis backend (tokens per delivery, retries up to ``max_attempts``,
-result TTL, idempotency keys), kept in memory: jobs do not survive a restart of the process.
+Same semantics as the Redis backend (tokens per delivery checked by every state change, a
+visibility timeout after which a running job whose owner stopped heart-beating is reclaimed,
+retries up to ``max_attempts``, result TTL, idempotency keys), kept in memory: jobs do not survive
+a restart of the process.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from server.jobs.base import FINAL, Claim, Job, JobNotFound, new_job_id
 
 
 class MemoryJobQueue:
-    def __init__(self, *, result_ttl_s: int = 24 * 3600, max_attempts: int = 3, **_):
-        self.ttl, self.max_attempts = result_ttl_s, max_attempts
+    def __init__(self, *, result_ttl_s: int = 24 * 3600, max_attempts: int = 3, visibility_timeout_s: float = 60.0,
+                 **_):
+        self.ttl, self.max_attempts, self.visibility_s = result_ttl_s, max_attempts, visibility_timeout_s
         self.jobs: dict[str, Job] = {}
         self.events_: dict[str, list[tuple[str, dict]]] = {}
         self.idem: dict[str, str] = {}
         self.ready: asyncio.Queue[str] = asyncio.Queue()
-        self.tokens: dict[str, str] = {}
+        self.tokens: dict[str, str] = {}  # job id -> token of its current delivery
+        self.leases: dict[str, float] = {}  # job id -> monotonic deadline of its current delivery
         self.deliveries: dict[str, int] = {}
         self.completions_: dict[str, int] = {}
         self._seq = itertools.count(1)
@@ -33,7 +37,8 @@ class MemoryJobQueue:
         now = time.time()
         for job_id in [j.id for j in self.jobs.values() if j.finished_at and now - j.finished_at > self.ttl]:
             job = self.jobs.pop(job_id)
-            self.events_.pop(job_id, None)
+            for table in (self.events_, self.tokens, self.leases, self.deliveries, self.completions_):
+                table.pop(job_id, None)
             if job.idempotency_key:
                 self.idem.pop(job.idempotency_key, None)
 
@@ -43,6 +48,7 @@ class MemoryJobQueue:
             self._changed.notify_all()
 
     async def submit(self, request: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Check and insert with no await in between: concurrent submits with one key make one job."""
         self._expire()
         if idempotency_key and idempotency_key in self.idem and self.idem[idempotency_key] in self.jobs:
             return self.jobs[self.idem[idempotency_key]], False
@@ -91,64 +97,110 @@ class MemoryJobQueue:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 1.0)
 
+    def _lapsed(self) -> str | None:
+        """A running job whose owner stopped heart-beating (lease past the visibility timeout)."""
+        now = time.monotonic()
+        for job_id, deadline in list(self.leases.items()):
+            job = self.jobs.get(job_id)
+            if job is None or job.status != "running":
+                del self.leases[job_id]
+            elif deadline <= now:
+                return job_id
+        return None
+
     async def claim(self, consumer: str, block_s: float) -> Claim | None:
-        try:
-            job_id = await asyncio.wait_for(self.ready.get(), block_s)
-        except TimeoutError:
-            return None
-        job = self.jobs.get(job_id)
-        if job is None or job.status not in ("queued", "running"):
-            return None
-        n = self.deliveries[job_id] = self.deliveries.get(job_id, 0) + 1
+        until = time.monotonic() + block_s
+        while True:
+            job_id, want = self._lapsed(), "running"
+            if job_id is not None:
+                self.reclaims += 1
+            elif not self.ready.empty():
+                job_id, want = self.ready.get_nowait(), "queued"
+            else:
+                if time.monotonic() >= until:
+                    return None
+                wait = min([until, *self.leases.values()]) - time.monotonic()  # wake when a lease lapses
+                try:
+                    job_id, want = await asyncio.wait_for(self.ready.get(), max(wait, 0.001)), "queued"
+                except TimeoutError:
+                    continue
+            job = self.jobs.get(job_id)
+            if job is None or job.status != want:
+                continue  # cancelled or finished while queued
+            claim = await self._deliver(job, consumer)
+            if claim is not None:
+                return claim
+
+    async def _deliver(self, job: Job, consumer: str) -> Claim | None:
+        n = self.deliveries[job.id] = self.deliveries.get(job.id, 0) + 1
+        self.leases.pop(job.id, None)
         if n > self.max_attempts:
             job.status, job.finished_at = "failed", time.time()
             job.error = {"code": "retry_limit", "status": 500, "message": f"gave up after {self.max_attempts} "
                          "attempts", "last_error": job.error}
-            await self._event(job_id, {"stage": "failed", "error": job.error})
+            await self._event(job.id, {"stage": "failed", "error": job.error})
             return None
-        token = self.tokens[job_id] = f"{job_id}:{n}"
+        token = self.tokens[job.id] = f"{job.id}:{n}"
+        self.leases[job.id] = time.monotonic() + self.visibility_s
         job.status, job.attempts = "running", job.attempts + 1
         job.started_at = job.started_at or time.time()
-        await self._event(job_id, {"stage": "running", "attempt": n, "worker": consumer})
+        await self._event(job.id, {"stage": "running", "attempt": n, "worker": consumer})
         return Claim(job, token)
 
-    async def heartbeat(self, claim: Claim, consumer: str) -> None:
-        return None
+    def _current(self, claim: Claim) -> bool:
+        """The claim's delivery still owns the job, and the job is running."""
+        job = self.jobs.get(claim.job.id)
+        return job is not None and self.tokens.get(job.id) == claim.token and job.status == "running"
 
-    async def progress(self, claim: Claim, event: dict) -> None:
+    async def heartbeat(self, claim: Claim, consumer: str) -> bool:
+        if not self._current(claim):
+            return False
+        self.leases[claim.job.id] = time.monotonic() + self.visibility_s
+        return True
+
+    async def progress(self, claim: Claim, event: dict) -> bool:
+        if not self._current(claim):
+            return False
         claim.job.progress = event
         await self._event(claim.job.id, event)
-
-    def _current(self, claim: Claim) -> bool:
-        return self.tokens.get(claim.job.id) == claim.token and claim.job.status == "running"
+        return True
 
     async def complete(self, claim: Claim, result: dict) -> bool:
         if not self._current(claim):
             return False
         job = claim.job
+        self.leases.pop(job.id, None)
         job.status, job.result, job.finished_at = "succeeded", result, time.time()
         self.completions_[job.id] = self.completions_.get(job.id, 0) + 1
         await self._event(job.id, {"stage": "done"})
         return True
 
-    async def fail(self, claim: Claim, error: dict, retry: bool) -> None:
+    async def fail(self, claim: Claim, error: dict, retry: bool) -> bool:
         if not self._current(claim):
-            return
+            return False
         job = claim.job
+        self.leases.pop(job.id, None)
         job.error = error
         if retry:
             job.status = "queued"
             self.ready.put_nowait(job.id)
-            return
+            return True
         job.status, job.finished_at = "failed", time.time()
         await self._event(job.id, {"stage": "failed", "error": error})
+        return True
 
-    async def release(self, claim: Claim) -> None:
-        if self._current(claim):
-            claim.job.status = "queued"
-            claim.job.attempts -= 1
-            self.deliveries[claim.job.id] -= 1
-            self.ready.put_nowait(claim.job.id)
+    async def release(self, claim: Claim) -> bool:
+        """Hand back a running job this delivery still owns (attempt not counted); else change nothing."""
+        if not self._current(claim):
+            return False
+        job = claim.job
+        self.leases.pop(job.id, None)
+        self.tokens.pop(job.id, None)
+        job.status, job.attempts = "queued", job.attempts - 1
+        self.deliveries[job.id] -= 1
+        self.ready.put_nowait(job.id)
+        await self._event(job.id, {"stage": "queued", "reason": "worker shutdown"})
+        return True
 
     async def is_cancelled(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)

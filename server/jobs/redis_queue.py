@@ -8,10 +8,14 @@ Keys (``prefix`` = ``fw`` by default):
   {p}:index             zset created_at -> id (listing)
   {p}:dead              dead-lettered jobs with their last error
 
-A delivery is identified by ``token = <entry id>:<delivery count>``; every state change is a
-Lua script that checks it, so a result is stored exactly once even if a slow worker's job was
-reclaimed by another. Entries of crashed workers are reclaimed with XAUTOCLAIM after the
-visibility timeout; workers refresh idle time (heartbeat) with XCLAIM JUSTID.
+A delivery is identified by ``token = <entry id>:<delivery count>`` (the count read inside the
+script that starts it, together with a check that this consumer holds the entry). Every state change
+is a Lua script that checks the token, so a result is stored exactly once even if a slow worker's job
+was reclaimed by another, and a stale worker neither writes the job nor acknowledges the entry the new
+owner holds (if that owner dies too, the entry is reclaimed again). The hash's ``entry`` names the
+stream entry that currently carries the job; a delivery of any other entry is dropped. Entries of
+crashed workers are reclaimed with XAUTOCLAIM after the visibility timeout; owners refresh the idle
+time (heartbeat) with XCLAIM JUSTID.
 """
 
 from __future__ import annotations
@@ -28,22 +32,103 @@ from server.jobs.base import FINAL, Claim, Job, JobNotFound, new_job_id
 
 GROUP = "workers"
 
-# KEYS[1] job hash; ARGV: token, now. Queued/running -> running (this delivery). 0 if cancelled/final.
+# Every script below that changes a job checks the caller's delivery token against the hash's
+# ``token`` first: a stale delivery (its entry reclaimed by another worker, or handed back) never
+# writes the job and never acknowledges the stream entry, which the current owner still holds.
+
+# KEYS: idem key (or a placeholder), job hash, index, events, stream.
+# ARGV: has key (1/0), job id, ttl, created_at, request, progress, idempotency key, job key prefix, event.
+# -> {1, id} created, or {0, id} of the live job that already holds the idempotency key.
+_SUBMIT = """
+if ARGV[1] == '1' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing and redis.call('EXISTS', ARGV[8] .. existing) == 1 then return {0, existing} end
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+local entry = redis.call('XADD', KEYS[5], '*', 'id', ARGV[2])
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'request', ARGV[5], 'status', 'queued', 'created_at', ARGV[4],
+           'progress', ARGV[6], 'attempts', 0, 'idempotency_key', ARGV[7], 'entry', entry)
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+redis.call('XADD', KEYS[4], '*', 'data', ARGV[9])
+return {1, ARGV[2]}
+"""
+# KEYS: job hash, stream, dead-letter stream. ARGV: entry, consumer, now, max attempts, group,
+# retry-limit error JSON up to its last_error value, ttl, job id.
+# -> {1, token} started; {0} nothing to run (entry acknowledged); {-1} another consumer holds the
+# entry now (touch nothing); {2, error} over the attempt limit, dead-lettered.
 _START = """
+local p = redis.call('XPENDING', KEYS[2], ARGV[5], ARGV[1], ARGV[1], 1)[1]
+if not p or p[2] ~= ARGV[2] then return {-1} end
+local function ack()
+  redis.call('XACK', KEYS[2], ARGV[5], ARGV[1])
+  redis.call('XDEL', KEYS[2], ARGV[1])
+end
 local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'queued' and s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'token', ARGV[1])
-if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if (s ~= 'queued' and s ~= 'running') or (entry and entry ~= ARGV[1]) then ack() return {0} end
+local n = tonumber(p[4])
+if n > tonumber(ARGV[4]) then
+  local err = ARGV[6] .. (redis.call('HGET', KEYS[1], 'error') or 'null') .. '}'
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3], 'error', err, 'token', '')
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  redis.call('XADD', KEYS[3], '*', 'id', ARGV[8], 'error', err)
+  ack()
+  return {2, err}
+end
+local token = ARGV[1] .. ':' .. n
+redis.call('HSET', KEYS[1], 'status', 'running', 'token', token)
+if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[3]) end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {1, token}
+"""
+# KEYS: job hash, stream. ARGV: token, entry, group, new status, now, field, value, ttl.
+# -> 1 stored; 0 this delivery's job was cancelled meanwhile (entry acknowledged); -1 not the owner.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[5], ARGV[6], ARGV[7])
+if ARGV[4] == 'succeeded' then redis.call('HINCRBY', KEYS[1], 'completions', 1) end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
 return 1
 """
-# KEYS[1] job hash; ARGV: token, new status, now, field, value, ttl. Only the current delivery may finish.
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+# KEYS: job hash, stream, events. ARGV: token, entry, group, job id, event.
+# Owner of a running job: re-queue as a fresh entry (attempt not counted) -> 1; 0 / -1 as _FINISH.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], ARGV[4], ARGV[5])
-if ARGV[2] == 'succeeded' then redis.call('HINCRBY', KEYS[1], 'completions', 1) end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'token', '', 'entry', entry)
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'data', ARGV[5])
+return 1
+"""
+# KEYS: job hash, events. ARGV: token, event (JSON). The owner of a running job records progress.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'data', ARGV[2])
+return 1
+"""
+# KEYS: job hash, stream. ARGV: token, entry, group, consumer. The owner resets its entry's idle time.
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+if #redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[2], 'JUSTID') == 0 then return 0 end
+return 1
+"""
+# KEYS: job hash. ARGV: token, error (JSON). The owner records the error of a failed attempt.
+_RETRY = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'error', ARGV[2])
 return 1
 """
 # KEYS[1] job hash; ARGV: now, ttl. Queued/running -> cancelled.
@@ -53,14 +138,6 @@ if not s then return -1 end
 if s ~= 'queued' and s ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-# KEYS[1] job hash; ARGV: now, error json, ttl. Any non-final -> failed (dead letter).
-_DEAD = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'queued' and s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -90,8 +167,10 @@ class RedisJobQueue:
         self.max_attempts = max_attempts
         self.stream = f"{prefix}:stream"
         self.reclaims = 0
-        self._start, self._finish = self.r.register_script(_START), self.r.register_script(_FINISH)
-        self._cancel, self._dead = self.r.register_script(_CANCEL), self.r.register_script(_DEAD)
+        script = self.r.register_script
+        self._submit, self._start, self._finish = script(_SUBMIT), script(_START), script(_FINISH)
+        self._release, self._progress, self._heartbeat = script(_RELEASE), script(_PROGRESS), script(_HEARTBEAT)
+        self._retry, self._cancel = script(_RETRY), script(_CANCEL)
         self._group_ready = False
         self.held: set[str] = set()  # stream entries this process is running
 
@@ -113,26 +192,21 @@ class RedisJobQueue:
 
     # ---- client side --------------------------------------------------------------------------
     async def submit(self, request: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """One script: two concurrent submits with the same key create one job."""
         await self._ensure_group()
-        job = Job(id=new_job_id(), request=request, idempotency_key=idempotency_key)
-        if idempotency_key:
-            key = f"{self.p}:idem:{idempotency_key}"
-            if not await self.r.set(key, job.id, nx=True, ex=self.ttl):
-                existing = await self.r.get(key)
-                if existing:
-                    try:
-                        return await self.get(existing), False
-                    except JobNotFound:
-                        await self.r.set(key, job.id, ex=self.ttl)
-        fields = {"id": job.id, "request": json.dumps(request), "status": "queued", "created_at": job.created_at,
-                  "progress": json.dumps(job.progress), "attempts": 0, "idempotency_key": idempotency_key or ""}
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._job(job.id), mapping=fields)
-            pipe.zadd(f"{self.p}:index", {job.id: job.created_at})
-            pipe.xadd(self._events(job.id), {"data": json.dumps({"stage": "queued"})})
-            pipe.xadd(self.stream, {"id": job.id})
-            await pipe.execute()
-        return job, True
+        while True:
+            job = Job(id=new_job_id(), request=request, idempotency_key=idempotency_key)
+            idem = f"{self.p}:idem:{idempotency_key}" if idempotency_key else f"{self.p}:idem"
+            keys = [idem, self._job(job.id), f"{self.p}:index", self._events(job.id), self.stream]
+            created, job_id = await self._submit(keys=keys, args=[
+                1 if idempotency_key else 0, job.id, self.ttl, job.created_at, json.dumps(request),
+                json.dumps(job.progress), idempotency_key or "", f"{self.p}:job:", json.dumps({"stage": "queued"})])
+            if created:
+                return job, True
+            try:
+                return await self.get(job_id), False
+            except JobNotFound:  # expired just now: the key is free again
+                continue
 
     async def get(self, job_id: str) -> Job:
         h = await self.r.hgetall(self._job(job_id))
@@ -210,74 +284,62 @@ class RedisJobQueue:
         return None
 
     async def _deliver(self, entry_id: str, job_id: str, consumer: str) -> Claim | None:
-        pending = await self.r.xpending_range(self.stream, GROUP, min=entry_id, max=entry_id, count=1)
-        delivered = int(pending[0]["times_delivered"]) if pending else 1
-        key = self._job(job_id)
-        if delivered > self.max_attempts:
-            h = await self.r.hgetall(key)
-            last = json.loads(h["error"]) if h.get("error") else None
-            error = {"code": "retry_limit", "status": 500, "message": f"gave up after {self.max_attempts} attempts",
-                     "last_error": last}
-            if await self._dead(keys=[key], args=[time.time(), json.dumps(error), self.ttl]):
-                await self.r.xadd(f"{self.p}:dead", {"id": job_id, "error": json.dumps(error)})
-                await self._event(job_id, {"stage": "failed", "error": error}, final=True)
-            await self._ack(entry_id)
+        error = {"code": "retry_limit", "status": 500, "message": f"gave up after {self.max_attempts} attempts"}
+        res = await self._start(keys=[self._job(job_id), self.stream, f"{self.p}:dead"], args=[
+            entry_id, consumer, time.time(), self.max_attempts, GROUP, json.dumps(error)[:-1] + ', "last_error": ',
+            self.ttl, job_id])
+        if int(res[0]) == 2:
+            await self._event(job_id, {"stage": "failed", "error": json.loads(res[1])}, final=True)
+        if int(res[0]) != 1:  # cancelled, finished, expired, dead-lettered, or taken by another consumer
             return None
-        token = f"{entry_id}:{delivered}"
-        if not await self._start(keys=[key], args=[token, time.time()]):
-            await self._ack(entry_id)  # cancelled, finished, or expired
-            return None
-        await self._event(job_id, {"stage": "running", "attempt": delivered, "worker": consumer})
         self.held.add(entry_id)
-        return Claim(await self.get(job_id), token)
+        await self._event(job_id, {"stage": "running", "attempt": int(res[1].rsplit(":", 1)[1]), "worker": consumer})
+        return Claim(await self.get(job_id), res[1])
 
-    async def _ack(self, entry_id: str) -> None:
-        self.held.discard(entry_id)
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            await pipe.execute()
+    @staticmethod
+    def _entry(claim: Claim) -> str:
+        return claim.token.rsplit(":", 1)[0]
 
-    async def heartbeat(self, claim: Claim, consumer: str) -> None:
-        entry_id = claim.token.rsplit(":", 1)[0]
-        await self.r.xclaim(self.stream, GROUP, consumer, 0, [entry_id], justid=True)
+    async def heartbeat(self, claim: Claim, consumer: str) -> bool:
+        owner = bool(await self._heartbeat(keys=[self._job(claim.job.id), self.stream],
+                                           args=[claim.token, self._entry(claim), GROUP, consumer]))
+        if not owner:  # reclaimed by another worker (or finished): this process may reclaim it later
+            self.held.discard(self._entry(claim))
+        return owner
 
-    async def progress(self, claim: Claim, event: dict) -> None:
-        await self.r.hset(self._job(claim.job.id), "progress", json.dumps(event))
-        await self._event(claim.job.id, event)
+    async def progress(self, claim: Claim, event: dict) -> bool:
+        return bool(await self._progress(keys=[self._job(claim.job.id), self._events(claim.job.id)],
+                                         args=[claim.token, json.dumps(event)]))
+
+    async def _finish_as(self, claim: Claim, status: str, field: str, value: dict) -> bool:
+        self.held.discard(self._entry(claim))
+        res = await self._finish(keys=[self._job(claim.job.id), self.stream], args=[
+            claim.token, self._entry(claim), GROUP, status, time.time(), field, json.dumps(value), self.ttl])
+        return res == 1
 
     async def complete(self, claim: Claim, result: dict) -> bool:
-        stored = await self._finish(keys=[self._job(claim.job.id)],
-                                    args=[claim.token, "succeeded", time.time(), "result", json.dumps(result), self.ttl])
+        stored = await self._finish_as(claim, "succeeded", "result", result)
         if stored:
             await self._event(claim.job.id, {"stage": "done"}, final=True)
-        await self._ack(claim.token.rsplit(":", 1)[0])
-        return bool(stored)
+        return stored
 
-    async def fail(self, claim: Claim, error: dict, retry: bool) -> None:
-        key = self._job(claim.job.id)
+    async def fail(self, claim: Claim, error: dict, retry: bool) -> bool:
         if retry:  # keep it pending: reclaimed after the visibility timeout, until max_attempts
-            await self.r.hset(key, "error", json.dumps(error))
-            self.held.discard(claim.token.rsplit(":", 1)[0])
-            return
-        if await self._finish(keys=[key], args=[claim.token, "failed", time.time(), "error", json.dumps(error),
-                                                self.ttl]):
+            self.held.discard(self._entry(claim))
+            return bool(await self._retry(keys=[self._job(claim.job.id)], args=[claim.token, json.dumps(error)]))
+        stored = await self._finish_as(claim, "failed", "error", error)
+        if stored:
             await self._event(claim.job.id, {"stage": "failed", "error": error}, final=True)
-        await self._ack(claim.token.rsplit(":", 1)[0])
+        return stored
 
-    async def release(self, claim: Claim) -> None:
-        """Graceful hand-back: re-queue as a fresh entry without counting an attempt."""
-        entry_id = claim.token.rsplit(":", 1)[0]
-        self.held.discard(entry_id)
-        key = self._job(claim.job.id)
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"status": "queued", "token": ""})
-            pipe.hincrby(key, "attempts", -1)
-            pipe.xadd(self.stream, {"id": claim.job.id})
-            pipe.xack(self.stream, GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            await pipe.execute()
-        await self._event(claim.job.id, {"stage": "queued", "reason": "worker shutdown"})
+    async def release(self, claim: Claim) -> bool:
+        """Graceful hand-back of a running job this delivery still owns: re-queued as a fresh entry
+        without counting an attempt. A stale delivery changes nothing."""
+        self.held.discard(self._entry(claim))
+        event = json.dumps({"stage": "queued", "reason": "worker shutdown"})
+        res = await self._release(keys=[self._job(claim.job.id), self.stream, self._events(claim.job.id)],
+                                  args=[claim.token, self._entry(claim), GROUP, claim.job.id, event])
+        return res == 1
 
     async def is_cancelled(self, job_id: str) -> bool:
         return await self.r.hget(self._job(job_id), "status") == "cancelled"

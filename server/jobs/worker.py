@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -33,57 +32,6 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-async def run_chat_job(services, job: Job, report: Report) -> dict:
-    """The synchronous chat pipeline with progress events: fetching -> decoding -> generating -> done."""
-    from server.completions import CompletionIds, completion_body, prepare, sampling_params
-    from server.schemas import ChatCompletionRequest
-
-    body = ChatCompletionRequest.model_validate({**job.request, "stream": False})
-    if body.model != services.settings.model_name:
-        raise APIError(404, "model_not_found", f"the model {body.model!r} does not exist", "model")
-    await report({"stage": "fetching"})
-    prepared = await prepare(services, body)  # never re-routed: this is the job
-    frames = prepared.video_frames
-    await report({"stage": "decoding", "frames_done": frames, "frames_total": frames})
-    params = sampling_params(body, stream=True)  # deltas: count tokens as they come
-    request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"
-    tokens, last_report, final_ids, texts = 0, 0.0, None, {}
-    try:
-        async for out in services.engine.generate(prepared.prompt, params, request_id):
-            final_ids = out
-            for c in out.outputs:
-                texts[c.index] = texts.get(c.index, "") + c.text
-                tokens += len(c.token_ids)
-            if time.monotonic() - last_report > 0.5:
-                last_report = time.monotonic()
-                await report({"stage": "generating", "tokens": tokens})
-    except asyncio.CancelledError:
-        await services.engine.abort(request_id)
-        raise
-    except ValueError as e:
-        raise APIError(400, "invalid_request", str(e), "messages") from None
-    await report({"stage": "generating", "tokens": tokens})
-    ids = CompletionIds(body.model)
-    result = completion_body(ids, _Final(final_ids, texts), prepared, body.top_logprobs or 0)
-    result["usage"]["completion_tokens"] = tokens
-    result["usage"]["total_tokens"] = result["usage"]["prompt_tokens"] + tokens
-    return result
-
-
-class _Final:
-    """The last delta output, with the accumulated text of each choice."""
-
-    def __init__(self, out, texts: dict[int, str]):
-        self.prompt_token_ids = out.prompt_token_ids
-        self.outputs = [_Choice(c, texts[c.index]) for c in out.outputs]
-
-
-class _Choice:
-    def __init__(self, c, text: str):
-        self.index, self.text, self.finish_reason = c.index, text, c.finish_reason
-        self.token_ids, self.logprobs = [], None
-
-
 class JobWorker:
     def __init__(self, queue, execute: Execute, *, consumer: str | None = None, concurrency: int = 2,
                  heartbeat_s: float = 2.0, metrics=None):
@@ -93,34 +41,69 @@ class JobWorker:
         self.running: dict[str, tuple[Claim, asyncio.Task]] = {}
 
     async def run(self, stop: asyncio.Event, grace_s: float = 30.0) -> None:
+        """Take jobs until ``stop`` is set (noticed even while every slot is busy), then give the
+        running ones ``grace_s`` from that moment to finish and hand the rest back."""
         slots = asyncio.Semaphore(self.concurrency)
-        while not stop.is_set():
-            await slots.acquire()
-            if stop.is_set():
-                slots.release()
-                break
-            try:
-                claim = await self.queue.claim(self.consumer, block_s=1.0)
-            except Exception as e:  # Redis restarting: keep trying
-                slots.release()
-                log.warning("job queue unavailable (%s); retrying", e)
-                await asyncio.sleep(0.5)
-                continue
-            if claim is None:
-                slots.release()
-                continue
-            task = asyncio.create_task(self._run_one(claim))
-            self.running[claim.job.id] = (claim, task)
-            task.add_done_callback(lambda _t, job_id=claim.job.id: (self.running.pop(job_id, None), slots.release()))
-        await self._drain(grace_s)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(stop.wait())
+        stopped_at: list[float] = []
+        stopping.add_done_callback(lambda _f: stopped_at.append(loop.time()))
+        try:
+            while await self._slot(slots, stopping):
+                try:
+                    claim = await self.queue.claim(self.consumer, block_s=1.0)
+                except Exception as e:  # Redis restarting: keep trying
+                    slots.release()
+                    log.warning("job queue unavailable (%s); retrying", e)
+                    await asyncio.wait({stopping}, timeout=0.5)
+                    continue
+                if claim is None:
+                    slots.release()
+                    continue
+                if stop.is_set():  # taken while stopping: straight back
+                    slots.release()
+                    await self._hand_back(claim)
+                    break
+                task = asyncio.create_task(self._run_one(claim))
+                self.running[claim.job.id] = (claim, task)
+                task.add_done_callback(lambda _t, job_id=claim.job.id: (self.running.pop(job_id, None),
+                                                                        slots.release()))
+        finally:
+            stopping.cancel()
+        deadline = (stopped_at[0] if stopped_at else loop.time()) + grace_s
+        await self._drain(max(0.0, deadline - loop.time()))
+
+    @staticmethod
+    async def _slot(slots: asyncio.Semaphore, stopping: asyncio.Future) -> bool:
+        """Wait for a free slot; False as soon as stop is set (never blocks shutdown on busy slots)."""
+        if stopping.done():
+            return False
+        acquire = asyncio.ensure_future(slots.acquire())
+        await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            return True
+        if acquire.done() and not acquire.cancelled():
+            slots.release()
+        else:
+            acquire.cancel()
+        return False
 
     async def _drain(self, grace_s: float) -> None:
         if self.running:
             await asyncio.wait([t for _, t in self.running.values()], timeout=grace_s)
-        for claim, task in list(self.running.values()):  # still running: hand back
+        left = list(self.running.values())  # still running: hand back (only while this delivery owns them)
+        for _, task in left:
             task.cancel()
-            with contextlib.suppress(Exception):
-                await self.queue.release(claim)
+        await asyncio.gather(*(self._hand_back(claim) for claim, _ in left))
+        if left:
+            await asyncio.wait([t for _, t in left], timeout=2.0)
+
+    async def _hand_back(self, claim: Claim) -> None:
+        try:
+            if await self._retrying(self.queue.release, claim, attempts=4):
+                log.info("job %s handed back", claim.job.id)
+        except Exception as e:  # the visibility timeout hands it to another worker instead
+            log.warning("handing job %s back failed: %s", claim.job.id, e)
 
     async def _run_one(self, claim: Claim) -> None:
         job = claim.job
@@ -132,14 +115,18 @@ class JobWorker:
         outcome = "failed"
         try:
             result = await work
-            await self._retrying(self.queue.complete, claim, result)
-            outcome = "succeeded"
+            stored = await self._retrying(self.queue.complete, claim, result)
+            outcome = "succeeded" if stored else "refused"  # another delivery owns it, or it was cancelled
         except asyncio.CancelledError:
-            if not await self.queue.is_cancelled(job.id):
+            if beat.done() and not beat.cancelled() and beat.result() == "lost":
+                outcome = "lost"  # reclaimed by another worker: store nothing, let go of the delivery
+                await self._hand_back(claim)
+            elif await self.queue.is_cancelled(job.id):
+                outcome = "cancelled"  # the client cancelled it: acknowledge, keep its status
+                await self._retrying(self.queue.fail, claim, {"code": "cancelled", "status": 499,
+                                                             "message": "cancelled by the client"}, False)
+            else:
                 raise  # shutdown: _drain hands the job back
-            outcome = "cancelled"  # the client cancelled it: acknowledge, keep its status
-            await self._retrying(self.queue.fail, claim, {"code": "cancelled", "status": 499,
-                                                         "message": "cancelled by the client"}, False)
         except (APIError, MediaError) as e:  # the client's fault: same error as the sync API
             status = getattr(e, "status", 400)
             error = {"code": e.code, "message": e.message, "status": status}
@@ -156,16 +143,21 @@ class JobWorker:
                 self.metrics.jobs.labels(outcome).inc()
                 self.metrics.job_seconds.observe(time.perf_counter() - start)
 
-    async def _heartbeat(self, claim: Claim, work: asyncio.Task) -> None:
+    async def _heartbeat(self, claim: Claim, work: asyncio.Task) -> str | None:
+        """Refresh the lease; stop the work when the client cancelled or another delivery took the job."""
         while not work.done():
             await asyncio.sleep(self.heartbeat_s)
             try:
                 if await self.queue.is_cancelled(claim.job.id):
                     work.cancel()
-                    return
-                await self.queue.heartbeat(claim, self.consumer)
+                    return "cancelled"
+                if not await self.queue.heartbeat(claim, self.consumer) and not work.done():  # (done: stored)
+                    log.warning("job %s: this worker no longer owns it; stopping", claim.job.id)
+                    work.cancel()
+                    return "lost"
             except Exception as e:
                 log.warning("heartbeat for %s failed: %s", claim.job.id, e)
+        return None
 
     async def _retrying(self, fn, *args, attempts: int = 60) -> object:
         """Store outcomes through a Redis restart (connection errors) without losing them."""

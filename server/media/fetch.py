@@ -1,9 +1,12 @@
 """Fetch media over HTTP(S) without becoming an SSRF proxy.
 
-- Every host is resolved by a resolver that refuses loopback, private,
-  link-local, multicast, reserved and unspecified addresses; the connection uses
-  the checked address (no second lookup to rebind). IP-literal URLs are checked
-  the same way.
+- Only globally routable unicast addresses are reached (:func:`is_public_address`):
+  every host is resolved by a resolver that drops every other address, and the
+  connection uses the checked address (no second lookup to rebind). IP-literal
+  URLs are checked the same way. IPv6 ranges that embed or tunnel to an IPv4
+  address (6to4, Teredo, NAT64, IPv4-mapped/-compatible, ISATAP with a
+  non-public IPv4) are refused, and so are site-local, ORCHID, documentation,
+  benchmarking and shared (CGNAT) ranges.
 - Redirects are followed by hand, each hop re-checked, at most ``max_redirects``.
 - ``allowed_hosts`` (hosts, ``host:port`` or CIDRs) is the only way to reach a
   refused address, e.g. a test server on 127.0.0.1.
@@ -37,6 +40,46 @@ class Fetched:
     content_type: str | None
 
 
+def _nets(*cidrs: str) -> tuple:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+# Not globally routable unicast, although Python's ``is_global`` may say otherwise for some
+# (e.g. 2002::/16, fec0::/10, 64:ff9b::/96 and 192.0.0.9 are "global" to Python 3.11).
+REFUSED_V4 = _nets(
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",  # 240/4 includes the broadcast 255.255.255.255
+)
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+REFUSED_V6 = _nets(
+    "2001::/23",  # IETF protocol assignments: Teredo 2001::/32, benchmarking, ORCHID(v2), AMT, ...
+    "2001:db8::/32", "3fff::/20",  # documentation
+    "2002::/16",  # 6to4: tunnels to the IPv4 address in bits 16-48
+    # outside 2000::/3, refused anyway; listed for the record:
+    "::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "fc00::/7", "fe80::/10",
+    "fec0::/10", "ff00::/8", "5f00::/16",
+)
+
+
+def _isatap_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an ISATAP interface identifier (``::0:5efe:a.b.c.d``, ``::200:5efe:...``) embeds."""
+    value = int(addr)
+    if (value >> 32) & 0xFDFFFFFF == 0x00005EFE:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable unicast, and no IPv4 embedded in it that would itself be refused."""
+    if isinstance(addr, ipaddress.IPv4Address):
+        return addr.is_global and not any(addr in net for net in REFUSED_V4)
+    if addr not in GLOBAL_UNICAST_V6 or any(addr in net for net in REFUSED_V6) or not addr.is_global:
+        return False
+    embedded = _isatap_v4(addr)
+    return embedded is None or is_public_address(embedded)
+
+
 class AddressPolicy:
     def __init__(self, allowed: list[str]):
         self.hosts: set[str] = set()
@@ -62,14 +105,22 @@ class AddressPolicy:
         return host in self.hosts or (host, port) in self.host_ports
 
     def address_allowed(self, ip: str, host: str, port: int) -> bool:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
+        """The allow-list (host, ``host:port``, CIDR; an IPv4-mapped address counts as its IPv4
+        address there), else :func:`is_public_address`."""
+        try:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            return False
         if self.host_allowed(host, port) or self.host_allowed(str(addr), port):
             return True
-        if any(addr in net for net in self.networks):
+        listed = [addr]
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            listed.append(addr.ipv4_mapped)
+            if self.host_allowed(str(addr.ipv4_mapped), port):
+                return True
+        if any(a in net for a in listed for net in self.networks if a.version == net.version):
             return True
-        return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified)
+        return is_public_address(addr)
 
 
 class RefusedAddress(OSError):
@@ -125,12 +176,15 @@ class MediaFetcher:
             await self._session.close()
 
     def _check_url(self, url: str) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:  # e.g. a port that is not a number, an unclosed IPv6 bracket
+            raise APIError(400, "invalid_url", f"cannot parse the media URL {url!r}: {e}", "messages") from None
         if parts.scheme not in ("http", "https"):
             raise _refused(url, f"scheme {parts.scheme!r} is not allowed")
         if not parts.hostname:
             raise _refused(url, "no host")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             ipaddress.ip_address(parts.hostname)
         except ValueError:

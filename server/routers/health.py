@@ -5,16 +5,18 @@ from fastapi.responses import JSONResponse, Response
 
 from server.deps import get_services
 from server.errors import error_response
+from server.metrics import refresh_queue_gauges
+from server.openapi import Health, Ready, plain_text
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", responses={200: {"model": Health}})
 async def health():
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={200: {"model": Ready}})
 async def ready(services=Depends(get_services)):
     if not services.engine.ready:
         return error_response(503, "engine_not_ready", "the engine is not ready")
@@ -23,14 +25,7 @@ async def ready(services=Depends(get_services)):
     return JSONResponse({"status": "ready", "model": services.settings.model_name})
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: plain_text("Prometheus text format")})
 async def metrics(services=Depends(get_services)):
-    m = services.metrics
-    m.decode_restarts.set(services.pool.restarts)
-    try:
-        m.queue_depth.set(await services.jobs.depth())
-        m.oldest_job_age.set(await services.jobs.oldest_age())
-        m.job_reclaims.set(services.jobs.reclaims)
-    except Exception:  # Redis down: /ready reports it; metrics still render
-        pass
+    await refresh_queue_gauges(services)
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.deps import get_services, require_api_key
 from server.errors import APIError
 from server.jobs.base import STATUSES, JobNotFound
+from server.openapi import JobList, JobObject, sse
 from server.schemas import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -19,7 +20,7 @@ def _not_found(job_id: str) -> APIError:
     return APIError(404, "job_not_found", f"no job with id {job_id!r}", "job_id")
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses={202: {"model": JobObject}, 200: {"model": JobObject}})
 async def submit_job(body: ChatCompletionRequest, services=Depends(get_services),
                      idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
     if body.model != services.settings.model_name:
@@ -28,7 +29,7 @@ async def submit_job(body: ChatCompletionRequest, services=Depends(get_services)
     return JSONResponse(job.public(), status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("")
+@router.get("", responses={200: {"model": JobList}})
 async def list_jobs(services=Depends(get_services), status: str | None = Query(None),
                     limit: int = Query(20, ge=1, le=100), before: float | None = Query(None)):
     if status is not None and status not in STATUSES:
@@ -39,7 +40,7 @@ async def list_jobs(services=Depends(get_services), status: str | None = Query(N
             "next_before": page[-1].created_at if len(jobs) > limit else None}
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses={200: {"model": JobObject}})
 async def get_job(job_id: str, services=Depends(get_services)):
     try:
         return (await services.jobs.get(job_id)).public()
@@ -47,7 +48,7 @@ async def get_job(job_id: str, services=Depends(get_services)):
         raise _not_found(job_id) from None
 
 
-@router.delete("/{job_id}")
+@router.delete("/{job_id}", responses={200: {"model": JobObject}})
 async def cancel_job(job_id: str, services=Depends(get_services)):
     try:
         return (await services.jobs.cancel(job_id)).public()
@@ -55,7 +56,7 @@ async def cancel_job(job_id: str, services=Depends(get_services)):
         raise _not_found(job_id) from None
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", responses={200: sse("progress events")})
 async def job_events(job_id: str, services=Depends(get_services),
                      last_event_id: str | None = Header(None, alias="Last-Event-ID")):
     try:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from server.deps import get_services, require_api_key
 from server.errors import APIError
+from server.openapi import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 _STARTED = int(time.time())
@@ -15,12 +16,12 @@ def _model(name: str) -> dict:
     return {"id": name, "object": "model", "created": _STARTED, "owned_by": "framewise"}
 
 
-@router.get("")
+@router.get("", responses={200: {"model": ModelList}})
 async def list_models(services=Depends(get_services)):
     return {"object": "list", "data": [_model(services.settings.model_name)]}
 
 
-@router.get("/{model_id:path}")
+@router.get("/{model_id:path}", responses={200: {"model": ModelCard}})
 async def get_model(model_id: str, services=Depends(get_services)):
     if model_id != services.settings.model_name:
         raise APIError(404, "model_not_found", f"the model {model_id!r} does not exist", "model")

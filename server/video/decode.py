@@ -7,16 +7,25 @@
   in parallel by independent decoders.
 - Scales in swscale to the model's input size (shortest edge), converts to RGB,
   applies the stream's display rotation; memory is bounded by the sampled frames.
+- Only the container formats in :data:`CONTAINER_FORMATS` are demuxed and only local
+  files are read (``format_whitelist``/``protocol_whitelist``): a playlist or manifest
+  (HLS, DASH, concat, ...) is refused before FFmpeg reads its header, so URLs or paths
+  named inside a file are never opened, whatever the file is called.
+- A container that states no duration (live Matroska/WebM, raw H.264) is measured from
+  its packets' timestamps (or their count, when they carry none).
 - Every media problem becomes a :class:`MediaError` with a stable code.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import math
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -50,6 +59,7 @@ class VideoInfo:
     height: int
     codec: str
     has_audio: bool
+    timed: bool = True  # False: the packets carry no timestamps (raw streams); frame k is at k / frame_rate
 
 
 @dataclass
@@ -62,13 +72,28 @@ class SampledVideo:
     extra: dict = field(default_factory=dict)
 
 
+# Demuxers FFmpeg may use (names as in ``ffmpeg -demuxers``). None of them opens another
+# URL or file named in its input (mov's external data references stay off: enable_drefs=0).
+CONTAINER_FORMATS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "h264", "hevc")
+ACCEPTED = "MP4/MOV, Matroska/WebM, AVI, MPEG-TS or raw H.264/HEVC"
+OPEN_OPTIONS = {"format_whitelist": ",".join(CONTAINER_FORMATS), "protocol_whitelist": "file,pipe",
+                "enable_drefs": "0"}
+
+
 def _open(path: str):
+    """Open a local file with the allow-listed demuxers only (FFmpeg probes the first bytes,
+    then refuses any other format before it reads the header)."""
     try:
-        container = av.open(path, metadata_errors="ignore")
+        container = av.open(path, container_options=dict(OPEN_OPTIONS), metadata_errors="ignore")
     except (av.error.InvalidDataError, av.error.EOFError) as e:
         raise MediaError("invalid_video", f"not a readable video file ({e.strerror or e})") from e
     except av.FFmpegError as e:
+        if e.errno == errno.EINVAL:  # the probed format is not on the allow-list
+            raise MediaError("invalid_video", f"not a video container Framewise accepts ({ACCEPTED})") from e
         raise MediaError("invalid_video", f"cannot open video: {e}") from e
+    if not set(container.format.name.split(",")) & set(CONTAINER_FORMATS):  # never reached: FFmpeg refuses first
+        container.close()
+        raise MediaError("invalid_video", f"{container.format.name} is not a video container Framewise accepts")
     if not container.streams.video:
         container.close()
         raise MediaError("invalid_video", "the file has no video stream")
@@ -79,10 +104,6 @@ def _open(path: str):
     if stream.format is None and stream.codec_context.width == 0:
         container.close()
         raise MediaError("invalid_video", "the video stream has no frames")
-    # a still-image codec in a video container (e.g. a PNG sent as a video)
-    if container.format.name in ("png_pipe", "image2", "jpeg_pipe", "webp_pipe", "gif"):
-        container.close()
-        raise MediaError("invalid_video", f"{container.format.name} is an image, not a video")
     return container, stream
 
 
@@ -124,11 +145,65 @@ def _check_limits(info: VideoInfo, limits: DecodeLimits) -> None:
                          f"{limits.max_pixels} pixels per frame", status=413)
 
 
-def probe(path: str, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
-    container, stream = _open(path)
-    with container:
+def _measure(container, stream, info: VideoInfo, limits: DecodeLimits) -> VideoInfo:
+    """The duration of a stream whose container states none, read off its packets (no decoding):
+    from the first timestamp to the end of the last packet, or, when packets carry no
+    timestamps (raw H.264), their count over the rate their durations give. A constant-rate
+    stream lasts frames / rate: timestamps rounded to the container's clock (ms in Matroska)
+    would shorten it by up to a frame. Stops with ``video_too_long`` past the limit."""
+    tb = float(stream.time_base or 0)
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else None
+    first, end, count, durations = math.inf, -math.inf, 0, Counter()
+    rate = info.frame_rate
+    try:
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            count += 1
+            if packet.duration:
+                durations[packet.duration] += 1
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is not None and tb:
+                first = min(first, ts * tb)
+                end = max(end, (ts + packet.duration) * tb if packet.duration else ts * tb + 1 / (rate or 25.0))
+            so_far = end - first if math.isfinite(end) else count / (rate or 25.0)
+            if so_far > limits.max_duration_s:
+                raise MediaError("video_too_long", f"the video lasts more than {limits.max_duration_s:.0f}s, the "
+                                 "limit", status=413)
+    except av.FFmpegError:
+        pass  # a damaged tail: measure what could be read
+    if not count:
+        raise MediaError("invalid_video", "the video stream has no frames")
+    duration = end - (start if start is not None else first) if math.isfinite(end) else 0.0
+    if duration <= 0:  # no timestamps at all (or none that make sense)
+        if durations and tb:
+            rate = 1 / (durations.most_common(1)[0][0] * tb)
+        rate = rate or float(stream.guessed_rate or 25.0)
+        return replace(info, duration=count / rate, frame_rate=rate, timed=False)
+    if rate and abs(count / rate - duration) < 1 / rate:
+        duration = count / rate
+    return replace(info, duration=duration)
+
+
+def _read_info(path: str, container, stream, limits: DecodeLimits):
+    """``(container, stream, info)``, limits checked; a container without a duration is measured,
+    then opened again at its start (raw streams cannot seek back). Closes the container on error."""
+    try:
         info = _info(container, stream)
-    _check_limits(info, limits)
+        if info.duration <= 0:
+            info = _measure(container, stream, info, limits)
+            container.close()
+            container, stream = _open(path)
+        _check_limits(info, limits)
+    except BaseException:
+        container.close()
+        raise
+    return container, stream, info
+
+
+def probe(path: str, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
+    container, stream, info = _read_info(path, *_open(path), limits)
+    container.close()
     return info
 
 
@@ -158,23 +233,20 @@ def sample_video(
     A video lasting longer than ``queue_above_s`` is not decoded: its :class:`VideoInfo`
     comes back instead (the gateway runs it as a job).
     """
-    container, stream = _open(path)
+    container, stream, info = _read_info(path, *_open(path), limits)
     try:
-        info = _info(container, stream)
-        _check_limits(info, limits)
         if queue_above_s is not None and info.duration > queue_above_s:
             container.close()
             return info
-        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        duration = info.duration if info.duration > 0 else float("inf")
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None and info.timed else 0.0
         try:
-            targets = plan_timestamps(duration if math.isfinite(duration) else 1e9, info.frame_rate or 25.0,
-                                      params, default_frames=default_frames, max_frames=max_frames)
+            targets = plan_timestamps(info.duration, info.frame_rate or 25.0, params, default_frames=default_frames,
+                                      max_frames=max_frames)
         except SamplingError as e:
             raise MediaError("invalid_sampling", str(e)) from e
         tb = float(stream.time_base)
         keyframes = sorted(float(e.timestamp) * tb - t0 for e in stream.index_entries if e.is_keyframe) \
-            if stream.index_entries is not None else []
+            if stream.index_entries is not None and info.timed else []
     except BaseException:
         container.close()
         raise
@@ -194,7 +266,7 @@ def sample_video(
     def decode_runs() -> tuple[int, int]:
         with lock:
             source = opened.pop() if opened else None
-        cursor = _Cursor(*(source or _open(path)), keyframes, t0, info.frame_rate, codec_threads)
+        cursor = _Cursor(*(source or _open(path)), keyframes, t0, info.frame_rate, codec_threads, info.timed)
         try:
             while True:
                 with lock:
@@ -257,12 +329,17 @@ def _plan_runs(targets: list[float], keyframes: list[float]) -> list[list[int]]:
 class _Cursor:
     """One decoder walking forward through a video, seeking when a keyframe lets it skip ahead."""
 
-    def __init__(self, container, stream, keyframes: list[float], t0: float, frame_rate: float, threads: int):
+    def __init__(self, container, stream, keyframes: list[float], t0: float, frame_rate: float, threads: int,
+                 timed: bool = True):
         self.container, self.stream = container, stream
         self.stream.thread_type = "AUTO"
         self.stream.codec_context.thread_count = threads
         self.tb, self.t0, self.keyframes = float(self.stream.time_base), t0, keyframes
         self.skip_margin = max(SKIP_MARGIN_S, SKIP_MARGIN_FRAMES / (frame_rate or 25.0))
+        # untimed frames are numbered as they come out: every frame is decoded, nothing is sought
+        self.frame_tb = None if timed else Fraction(1 / (frame_rate or 25.0)).limit_denominator(1 << 20)
+        if not timed:
+            self.skip_margin = math.inf
         self.decoded = self.seeks = 0
         self._it = None
         self._pending = None  # decoded frame past the previous target, not consumed yet
@@ -277,13 +354,16 @@ class _Cursor:
             f = next(self._it)
         except StopIteration:
             return None
+        if self.frame_tb is not None:
+            f.pts, f.time_base = self.decoded, self.frame_tb
         self.decoded += 1
         return f
 
     def frame_at(self, t: float):
         """The frame on screen at ``t`` (seconds from the stream start), or None past the end."""
         ctx = self.stream.codec_context
-        if _should_seek(t, self.keyframes, decoded_until=max(self._last_time, _time(self._pending, self.t0))):
+        decoded_until = max(self._last_time, _time(self._pending, self.t0))
+        if self.frame_tb is None and _should_seek(t, self.keyframes, decoded_until=decoded_until):
             self.container.seek(int((t + self.t0) / self.tb), stream=self.stream, backward=True)
             self.seeks += 1
             self._it, self._pending, self._last, self._last_time = None, None, None, -math.inf

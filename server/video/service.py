@@ -1,8 +1,11 @@
-"""Sampled frames for a request: decode pool + a cache keyed by (content hash, sampling)."""
+"""Sampled frames for a request: decode pool + a cache keyed by (content hash, sampling).
+
+Images are decoded in the decode pool too (a crashing or hanging image codec costs a worker,
+not the gateway), by Pillow restricted to :data:`IMAGE_FORMATS`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -72,15 +75,27 @@ class VideoService:
         return VideoResult(video, time.perf_counter() - start, False)
 
     async def load_image(self, path: str) -> np.ndarray:
-        return await asyncio.to_thread(_load_image, path, self.limits.max_pixels)
+        return await self.pool.run(load_image, path, self.limits.max_pixels, timeout=self.timeout)
 
 
-def _load_image(path: str, max_pixels: int) -> np.ndarray:
+# Pillow openers an image part may use (JPEG includes multi-picture MPO); never e.g. EPS (Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+
+def load_image(path: str, max_pixels: int) -> np.ndarray:
+    """The first frame as RGB; anything unreadable is ``invalid_image``, never an unexpected error."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             if im.width * im.height > max_pixels:
                 raise MediaError("resolution_too_large", f"{im.width}x{im.height} exceeds the limit of "
                                  f"{max_pixels} pixels", status=413)
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise MediaError("invalid_image", f"not a readable image ({e})") from e
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise MediaError("resolution_too_large", f"the image exceeds the limit of {max_pixels} pixels",
+                         status=413) from e
+    except UnidentifiedImageError as e:
+        raise MediaError("invalid_image", f"not an image in an accepted format ({', '.join(IMAGE_FORMATS)})") from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on damaged data
+        raise MediaError("invalid_image", f"not a readable image ({type(e).__name__}: {e})") from e

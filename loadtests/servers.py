@@ -1,0 +1,131 @@
+"""Servers under test as subprocesses on 127.0.0.1: ``framewise serve`` and vLLM's own OpenAI server.
+
+Each runs in its own process group (killed as a group, engine core included), optionally pinned to
+CPUs with ``taskset``; its output goes to a log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / ".cache" / "models" / "tc-llava-demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_cpu() -> int:
+    return max(os.sched_getaffinity(0))
+
+
+def other_cpus() -> list[int]:
+    """The CPUs left to the load generator when a server is pinned to :func:`last_cpu` (all of them on 1 CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[:-1] or cpus
+
+
+def is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class Server:
+    """A server subprocess; ready when ``ready_path`` answers 200."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, log_path: Path, *, ready_path: str,
+                 env: dict | None = None, cpus: list[int] | None = None, timeout_s: float = 900):
+        self.name, self.port = name, port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the server
+        pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+        self.proc = subprocess.Popen([*pin, *cmd], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, **(env or {})})
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}; log: {log_path}\n"
+                                   + log_path.read_text()[-3000:])
+            try:
+                if httpx.get(self.base_url + ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s; log: {log_path}")
+
+    def pids(self) -> list[int]:
+        """The server's processes (its session: engine core and decode workers included)."""
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = Path(f"/proc/{d}/stat").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[3]) == self.proc.pid:  # session id
+                        out.append(int(d))
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def framewise(model: Path, workdir: Path, *, name: str = "tc-llava", allowed_hosts: str = "", api_key: str = "",
+              args: tuple[str, ...] = (), env: dict | None = None, cpus: list[int] | None = None) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--served-model-name", name,
+           "--port", str(port), "--files-dir", str(workdir / "files"), "--log-level", "warning", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return Server("framewise", cmd, port, workdir / "framewise.log", ready_path="/ready", cpus=cpus,
+                  env={"FRAMEWISE_ALLOWED_MEDIA_HOSTS": allowed_hosts, "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def vllm_openai(model: Path, workdir: Path, *, name: str = "tc-llava", num_frames: int = 8,
+                local_media: Path | None = None, max_model_len: int = 4096, cpus: list[int] | None = None,
+                args: tuple[str, ...] = ()) -> Server:
+    """vLLM's own OpenAI server; it loads the Framewise plugin through the ``vllm.general_plugins`` entry point.
+    ``cwd`` is the repository root, whose ``model_plugins`` is the installed (editable) package itself."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_model_len), "--dtype", "float32", "--limit-mm-per-prompt",
+           json.dumps({"video": 4, "image": 4}), "--media-io-kwargs", json.dumps({"video": {"num_frames": num_frames}}),
+           "--trust-request-mm-kwargs", "--disable-log-stats", *args]
+    if local_media is not None:
+        cmd += ["--allowed-local-media-path", str(local_media)]
+    return Server("vllm", cmd, port, workdir / "vllm.log", ready_path="/health", cpus=cpus, timeout_s=900,
+                  env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+                       # its default 256 MB download limit refuses a 10 min 720p clip (Framewise's is raised too)
+                       "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", "4096")})
