@@ -9,7 +9,7 @@ DEMO_MODEL ?= .cache/models/tc-llava-demo
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo-model serve demo test lint loadtest
+.PHONY: setup demo-model serve demo test test-docker lint loadtest
 setup:
 	@bash scripts/setup.sh
 
@@ -25,7 +25,11 @@ demo: demo-model
 
 test: demo-model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not docker" $(PYTEST_ARGS)
+
+# the image build, `docker compose up` and the rendered Kubernetes container specs under a private dockerd
+test-docker: demo-model
+	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
