@@ -68,9 +68,9 @@ def make_clip(path: Path, seconds: int, textured: bool = False) -> None:
 
 def framewise(path: str, n: int, edge: int | None = None):
     from server.video.decode import sample_video
-    from server.video.sampling import SamplingParams
+    from server.video.sampling import FrameSampling
 
-    return sample_video(path, SamplingParams(num_frames=n), default_frames=n, max_frames=n, shortest_edge=edge).frames
+    return sample_video(path, FrameSampling(num_frames=n), default_frames=n, max_frames=n, shortest_edge=edge).frames
 
 
 def vllm_opencv(data: bytes, n: int):

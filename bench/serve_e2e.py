@@ -269,7 +269,7 @@ def inprocess_worker(model: str, clip: str, reps: int, max_tokens: int) -> dict:
     from server.engine import Engine
     from server.settings import Settings
     from server.video.decode import sample_video
-    from server.video.sampling import SamplingParams as FrameSampling
+    from server.video.sampling import FrameSampling
 
     async def go() -> dict:
         engine = Engine(Settings(model=model, served_model_name=MODEL))

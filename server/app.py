@@ -96,7 +96,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         stop = asyncio.Event()
         # the in-process queue has no other consumer; with Redis, `--consume` makes one process a whole system
         consume = settings.consume or not settings.redis_url
-        worker = asyncio.create_task(services.worker().run(stop)) if consume else None
+        # in-process jobs get 10 s to finish at shutdown, then are handed back (the wait below covers that)
+        worker = asyncio.create_task(services.worker().run(stop, grace_s=10.0)) if consume else None
         try:
             yield
         finally:

@@ -74,9 +74,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
 
-    from model_plugins.engine import create_llm
+    from model_plugins.offline import create_llm
     from server.video.decode import sample_video
-    from server.video.sampling import SamplingParams as FrameSampling
+    from server.video.sampling import FrameSampling
     from server.video.synth import write_clip
 
     model = str(args.model)

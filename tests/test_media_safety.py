@@ -28,7 +28,7 @@ from server import deps
 from server.errors import APIError, install_error_handlers
 from server.media.fetch import AddressPolicy, MediaFetcher
 from server.video.decode import DecodeLimits, MediaError, probe, sample_video
-from server.video.sampling import SamplingParams, uniform_indices
+from server.video.sampling import FrameSampling, uniform_indices
 from server.video.service import load_image
 from server.video.synth import read_index, write_clip
 from tests.gateway_support import RecordingServer
@@ -277,7 +277,7 @@ def test_playlists_and_manifests_are_refused_and_never_followed(clips, tmp_path)
                 if target != path:
                     target.write_bytes(path.read_bytes())
                 with pytest.raises(MediaError) as e:
-                    sample_video(str(target), SamplingParams(2), default_frames=2, max_frames=8)
+                    sample_video(str(target), FrameSampling(2), default_frames=2, max_frames=8)
                 assert (e.value.code, e.value.status) == ("invalid_video", 400), name
                 with pytest.raises(MediaError):
                     probe(str(target))
@@ -295,7 +295,7 @@ def test_playlists_and_manifests_are_refused_and_never_followed(clips, tmp_path)
 
 @pytest.mark.parametrize("name", ["base.mp4", "clip.mov", "seg.ts", "live.mkv", "live.webm", "raw.h264"])
 def test_accepted_containers_still_decode(clips, name):
-    v = sample_video(clips[name], SamplingParams(4), default_frames=4, max_frames=8)
+    v = sample_video(clips[name], FrameSampling(4), default_frames=4, max_frames=8)
     assert [read_index(f) for f in v.frames] == uniform_indices(48, 4)
 
 
@@ -404,8 +404,8 @@ def test_no_duration_in_the_container_is_measured(clips, name):
         s = c.streams.video[0]
         assert not c.duration and not s.duration and not s.frames and "DURATION" not in s.metadata
     assert probe(clips[name]).duration == pytest.approx(2.0, abs=1e-3)
-    for params, want in ((SamplingParams(8), uniform_indices(48, 8)), (SamplingParams(fps=2), [6, 18, 30, 42]),
-                         (SamplingParams(4, start=0.5, end=1.5), [15, 21, 27, 33])):
+    for params, want in ((FrameSampling(8), uniform_indices(48, 8)), (FrameSampling(fps=2), [6, 18, 30, 42]),
+                         (FrameSampling(4, start=0.5, end=1.5), [15, 21, 27, 33])):
         v = sample_video(clips[name], params, default_frames=8, max_frames=64)
         got = [read_index(f) for f in v.frames]
         assert got == want, params
@@ -414,18 +414,18 @@ def test_no_duration_in_the_container_is_measured(clips, name):
 
 
 def test_no_duration_long_clip_sparse_sampling_and_limits(clips):
-    v = sample_video(clips["long_live.mkv"], SamplingParams(5), default_frames=5, max_frames=8)
+    v = sample_video(clips["long_live.mkv"], FrameSampling(5), default_frames=5, max_frames=8)
     assert [read_index(f) for f in v.frames] == uniform_indices(300, 5) and v.info.duration == pytest.approx(10.0)
     with pytest.raises(MediaError) as e:  # measured, then the duration limit applies
-        sample_video(clips["long_live.mkv"], SamplingParams(5), default_frames=5, max_frames=8,
+        sample_video(clips["long_live.mkv"], FrameSampling(5), default_frames=5, max_frames=8,
                      limits=DecodeLimits(max_duration_s=4.0))
     assert (e.value.code, e.value.status) == ("video_too_long", 413)
-    info = sample_video(clips["long_live.mkv"], SamplingParams(5), default_frames=5, max_frames=8, queue_above_s=6.0)
+    info = sample_video(clips["long_live.mkv"], FrameSampling(5), default_frames=5, max_frames=8, queue_above_s=6.0)
     assert not hasattr(info, "frames") and info.duration == pytest.approx(10.0)  # routed as a long video
 
 
 def test_measuring_keeps_the_frame_data_intact(clips):
     """The measured clip gives the very same pixels as the same stream in MP4 (reopened at its start)."""
-    a = sample_video(clips["live.mkv"], SamplingParams(8), default_frames=8, max_frames=8)
-    b = sample_video(clips["base.mp4"], SamplingParams(8), default_frames=8, max_frames=8)
+    a = sample_video(clips["live.mkv"], FrameSampling(8), default_frames=8, max_frames=8)
+    b = sample_video(clips["base.mp4"], FrameSampling(8), default_frames=8, max_frames=8)
     assert a.timestamps == b.timestamps and np.array_equal(a.frames, b.frames)

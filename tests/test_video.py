@@ -15,12 +15,12 @@ import pytest
 from server.media.fetch import AddressPolicy
 from server.video.decode import DecodeLimits, MediaError, probe, sample_video
 from server.video.pool import DecodePool
-from server.video.sampling import SamplingError, SamplingParams, plan_timestamps, uniform_indices
+from server.video.sampling import FrameSampling, SamplingError, plan_timestamps, uniform_indices
 from server.video.synth import read_index, write_clip
 
 
 def indices(path, frames=None, *, fps=None, start=None, end=None, max_frames=64, edge=None):
-    v = sample_video(str(path), SamplingParams(frames, fps, start, end), default_frames=8, max_frames=max_frames,
+    v = sample_video(str(path), FrameSampling(frames, fps, start, end), default_frames=8, max_frames=max_frames,
                      shortest_edge=edge)
     return [read_index(f) for f in v.frames], v
 
@@ -88,14 +88,14 @@ def test_sparse_sampling_seeks_instead_of_decoding_everything(clips):
 def test_parallel_decoders_return_exactly_what_one_decoder_returns(clips):
     """Runs starting at different keyframes go to independent decoders; the frames,
     their order and timestamps must not depend on how the runs were shared out."""
-    for params in (SamplingParams(12), SamplingParams(7, start=3.1, end=17.9), SamplingParams(fps=0.5)):
+    for params in (FrameSampling(12), FrameSampling(7, start=3.1, end=17.9), FrameSampling(fps=0.5)):
         one = sample_video(clips["long_gop"], params, default_frames=8, max_frames=64, limits=DecodeLimits(threads=1))
         two = sample_video(clips["long_gop"], params, default_frames=8, max_frames=64, limits=DecodeLimits(threads=2))
         assert (one.extra["decoders"], two.extra["decoders"]) == (1, 2)
         assert np.array_equal(one.frames, two.frames) and one.timestamps == two.timestamps
         assert [read_index(f) for f in two.frames] == [round(t * 30) for t in two.timestamps]
     # dense sampling inside one GOP is a single run: one decoder, FFmpeg's own threads
-    assert sample_video(clips["h264"], SamplingParams(8), default_frames=8, max_frames=8).extra["decoders"] == 1
+    assert sample_video(clips["h264"], FrameSampling(8), default_frames=8, max_frames=8).extra["decoders"] == 1
 
 
 def test_scaling_in_the_decoder_keeps_aspect(clips):
@@ -122,7 +122,7 @@ def test_unreadable_files(tmp_path, content, code):
     p = tmp_path / "bad.mp4"
     p.write_bytes(content)
     with pytest.raises(MediaError) as e:
-        sample_video(str(p), SamplingParams(4), default_frames=4, max_frames=8)
+        sample_video(str(p), FrameSampling(4), default_frames=4, max_frames=8)
     assert e.value.code == code and e.value.status == 400
 
 
@@ -137,10 +137,10 @@ def test_limits(clips, tmp_path):
 
 def test_plan_rejects_bad_parameters():
     with pytest.raises(SamplingError, match="exceeds"):
-        plan_timestamps(10, 24, SamplingParams(num_frames=100), default_frames=8, max_frames=32)
+        plan_timestamps(10, 24, FrameSampling(num_frames=100), default_frames=8, max_frames=32)
     with pytest.raises(SamplingError, match="past the end"):
-        plan_timestamps(10, 24, SamplingParams(start=20), default_frames=8, max_frames=32)
-    assert len(plan_timestamps(3600, 30, SamplingParams(fps=1), default_frames=8, max_frames=32)) == 32
+        plan_timestamps(10, 24, FrameSampling(start=20), default_frames=8, max_frames=32)
+    assert len(plan_timestamps(3600, 30, FrameSampling(fps=1), default_frames=8, max_frames=32)) == 32
 
 
 # ---- decode pool ---------------------------------------------------------------------------

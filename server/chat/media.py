@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, ImagePart, TextPart, VideoPart
 from server.video.decode import MediaError
-from server.video.sampling import SamplingParams as VideoSampling
+from server.video.sampling import FrameSampling
 
 MB = 1 << 20
 # the placeholder each media part must leave in the rendered prompt (the model plugins' get_placeholder_str);
@@ -39,7 +39,7 @@ async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, d
         if route_long and s.queue_above_mb is not None and media.size > s.queue_above_mb * MB:
             raise LongVideo(v.url)
         res = await services.video.sample(
-            media.path, media.sha256, VideoSampling(v.num_frames, v.fps, v.start, v.end),
+            media.path, media.sha256, FrameSampling(v.num_frames, v.fps, v.start, v.end),
             default_frames=defaults.num_frames, max_frames=defaults.max_frames, shortest_edge=defaults.shortest_edge,
             queue_above_s=s.queue_above_s if route_long else None)
     finally:

@@ -30,7 +30,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from server.video.sampling import SamplingError, SamplingParams, plan_timestamps
+from server.video.sampling import FrameSampling, SamplingError, plan_timestamps
 
 
 class MediaError(Exception):
@@ -216,7 +216,7 @@ def _scaled_size(width: int, height: int, shortest_edge: int | None) -> tuple[in
 
 def sample_video(
     path: str,
-    params: SamplingParams,
+    params: FrameSampling,
     *,
     default_frames: int,
     max_frames: int,

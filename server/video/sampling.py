@@ -17,7 +17,7 @@ class SamplingError(ValueError):
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class FrameSampling:
     num_frames: int | None = None
     fps: float | None = None
     start: float | None = None
@@ -42,7 +42,7 @@ def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
 def plan_timestamps(
     duration: float,
     frame_rate: float,
-    params: SamplingParams,
+    params: FrameSampling,
     *,
     default_frames: int,
     max_frames: int,
@@ -61,7 +61,7 @@ def plan_timestamps(
         count = max(1, math.floor(span * params.fps + 1e-9))
         cap = min(params.num_frames or max_frames, max_frames)
         if count > cap:  # too long for this rate: spread the allowed frames over the clip
-            return plan_timestamps(duration, frame_rate, SamplingParams(cap, None, start, end),
+            return plan_timestamps(duration, frame_rate, FrameSampling(cap, None, start, end),
                                    default_frames=cap, max_frames=max_frames)
         step = 1.0 / params.fps
         return [start + (k + 0.5) * step for k in range(count)]

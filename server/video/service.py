@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from server.video.decode import DecodeLimits, MediaError, SampledVideo, VideoInfo, sample_video
 from server.video.pool import DecodePool
-from server.video.sampling import SamplingParams
+from server.video.sampling import FrameSampling
 
 
 class FrameCache:
@@ -55,7 +55,7 @@ class VideoService:
     def __init__(self, pool: DecodePool, cache: FrameCache, limits: DecodeLimits, decode_timeout_s: float):
         self.pool, self.cache, self.limits, self.timeout = pool, cache, limits, decode_timeout_s
 
-    async def sample(self, path: str, sha256: str, params: SamplingParams, *, default_frames: int,
+    async def sample(self, path: str, sha256: str, params: FrameSampling, *, default_frames: int,
                      max_frames: int, shortest_edge: int | None,
                      queue_above_s: float | None = None) -> VideoResult | None:
         """The sampled frames, from the cache or the decode pool. ``None``: the video lasts longer
