@@ -146,6 +146,20 @@ def standins(docker: Docker) -> dict[str, str]:
     return out
 
 
+SLOW_MEDIA_SERVER = """
+import http.server, time
+class H(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, directory="/media", **kw)
+    def do_GET(self):
+        if self.path.startswith("/slow/"):  # /slow/NAME answers NAME after 20 s: a job that stays running
+            time.sleep(20)
+            self.path = self.path[len("/slow"):]
+        return super().do_GET()
+http.server.ThreadingHTTPServer(("", 8080), H).serve_forever()
+"""
+
+
 @pytest.fixture(scope="module")
 def shared(docker: Docker, tc_llava_dir: Path) -> dict[str, Path]:
     """The demo checkpoint and a clip, readable by the image's non-root user."""
@@ -156,6 +170,7 @@ def shared(docker: Docker, tc_llava_dir: Path) -> dict[str, Path]:
     shutil.copytree(tc_llava_dir, base / "model")
     (base / "media").mkdir()
     write_clip(str(base / "media" / "clip.mp4"), frames=24, fps=8, width=96, height=72)
+    (base / "media" / "serve.py").write_text(SLOW_MEDIA_SERVER)
     for p in [base, *base.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     return {"model": base / "model", "media": base / "media", "clip": base / "media" / "clip.mp4"}
@@ -211,7 +226,7 @@ def stack(docker: Docker, image: str, standins: dict, shared: dict, tmp_path_fac
         "gateway": {"environment": {"FRAMEWISE_ALLOWED_MEDIA_HOSTS": "media"}},
         "worker": {"environment": {"FRAMEWISE_JOB_VISIBILITY_TIMEOUT_S": "10", "FRAMEWISE_ALLOWED_MEDIA_HOSTS": "media"}},
         # the test's video, served from inside the compose network
-        "media": {"image": image, "entrypoint": ["python3", "-m", "http.server", "8080", "--directory", "/media"],
+        "media": {"image": image, "entrypoint": ["python3", "/media/serve.py"],
                   "volumes": [f"{shared['media']}:/media:ro"], "healthcheck": {"disable": True}},
     }}))
     project = f"fwtest{uuid.uuid4().hex[:6]}"
@@ -326,21 +341,20 @@ class TestCompose:
         assert "SUCCESS" in out and "5 rules found" in out, out
 
     def test_worker_killed_mid_job_the_job_completes_once(self, stack: Stack, docker: Docker):
-        r = httpx.post(f"{stack.base_url}/v1/jobs", headers=H, json={**_chat_body("http://media:8080/clip.mp4", 800),
-                                                                      "ignore_eos": True}, timeout=30)
+        # the video answers after 20 s, so the job is still running (fetching) when its worker is killed
+        r = httpx.post(f"{stack.base_url}/v1/jobs", headers=H, json=_chat_body("http://media:8080/slow/clip.mp4", 12),
+                       timeout=30)
         assert r.status_code in (200, 202), r.text
         job_id = r.json()["id"]
-        _wait("job running", lambda: _job(stack, job_id)["status"] == "running", 120, 0.5)
-
-        def holder():  # the worker whose engine is generating right now
-            for c in stack.containers("worker"):
-                text = docker.run("exec", c, "python3", "-c", "import urllib.request as u; print(u.urlopen("
-                                  "'http://127.0.0.1:9100/metrics', timeout=5).read().decode())", check=False)
-                m = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)", text, re.M)
-                if m and float(m.group(1)) >= 1:
-                    return c
-            return None
-        victim = _wait("the worker running the job", holder, 60, 0.5)
+        owner = None
+        with httpx.stream("GET", f"{stack.base_url}/v1/jobs/{job_id}/events", headers=H, timeout=120) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and (ev := json.loads(line[5:])).get("stage") == "running":
+                    owner = ev["worker"]  # consumer name: <container hostname>-<pid>-<random>
+                    break
+        assert owner, "no running event"
+        hosts = {docker.inspect(c)["Config"]["Hostname"]: c for c in stack.containers("worker")}
+        victim = next(c for h, c in hosts.items() if owner.startswith(f"{h}-"))
         survivor = next(c for c in stack.containers("worker") if c != victim)
         docker.run("kill", victim)  # SIGKILL: no hand-back, the visibility timeout must bring it back
         job = _wait("job finished", lambda: (j := _job(stack, job_id))["status"] in ("succeeded", "failed") and j,
