@@ -10,11 +10,9 @@ memory from ``VmHWM`` (reset through ``/proc/PID/clear_refs`` before each reques
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.gateway_support import free_port
+from tests.gateway_support import free_port, stop_process_group
 
 MB = 1 << 20
 UPLOAD_MB = 1  # --max-upload-mb: the multipart body limit is this plus 64 KiB
@@ -82,13 +80,7 @@ class Server:
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
     def close(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process_group(self.proc)
         self.log.close()
 
 
