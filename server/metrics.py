@@ -32,6 +32,9 @@ class Metrics:
         self.queue_depth = Gauge("framewise_job_queue_depth", "Jobs queued or running", registry=r)
         self.oldest_job_age = Gauge("framewise_job_oldest_age_seconds", "Age of the oldest unfinished job",
                                     registry=r)
+        self.dead_letters = Gauge("framewise_job_dead_letters",
+                                  "Jobs given up after their last attempt (queue-wide, dead-letter stream length)",
+                                  registry=r)
         self.job_reclaims = Gauge("framewise_job_reclaims", "Jobs reclaimed from dead workers (this process)",
                                   registry=r)
         self.decode_restarts = Gauge("framewise_decode_worker_restarts", "Decode workers replaced", registry=r)
@@ -49,6 +52,7 @@ async def refresh_queue_gauges(services) -> None:
     try:
         m.queue_depth.set(await services.jobs.depth())
         m.oldest_job_age.set(await services.jobs.oldest_age())
+        m.dead_letters.set(await services.jobs.dead_letters())
         m.job_reclaims.set(services.jobs.reclaims)
     except Exception:  # Redis down: /ready and /health report it; metrics still render
         pass

@@ -4,6 +4,7 @@ Dockerfiles, the compose file against Compose v1 and the compose-spec schema (no
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -222,3 +223,31 @@ def test_dashboard_and_alerts_use_metrics_the_code_exports():
     uid = ds["datasources"][0]["uid"]
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "framewise.json").read_text())
     assert all(p["datasource"]["uid"] == uid for p in dash["panels"])
+
+
+def test_monitoring_component_matches_the_compose_prometheus(tmp_path):
+    """With the optional monitoring component, the Operator scrapes the gateway and worker Services under the
+    same job names the compose Prometheus uses (the alerts and dashboard select on them), and the
+    PrometheusRule holds exactly the rules of deploy/prometheus/alerts.yml."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(DEPLOY / "k8s" / "overlays" / "cpu", tmp_path)],  # kustomize: no absolute roots
+        "components": [os.path.relpath(DEPLOY / "k8s" / "components" / "monitoring", tmp_path)]}))
+    out = subprocess.run([tool("kubectl"), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    services = list(by_kind(docs, "Service").values())
+    compose_jobs = {c["job_name"] for c in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+                    ["scrape_configs"]}
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert len(monitors) == 2
+    jobs = set()
+    for sm in monitors.values():
+        want = sm["spec"]["selector"]["matchLabels"]
+        [svc] = [s for s in services if want.items() <= s["metadata"]["labels"].items()]
+        jobs.add(svc["metadata"]["labels"][sm["spec"]["jobLabel"]])
+        port_names = {p["name"] for p in svc["spec"]["ports"]}
+        assert {e["port"] for e in sm["spec"]["endpoints"]} <= port_names
+    assert jobs == {"framewise-gateway", "framewise-worker"} <= compose_jobs
+    [rule] = by_kind(docs, "PrometheusRule").values()
+    assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]

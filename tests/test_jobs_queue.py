@@ -85,6 +85,7 @@ def test_idempotency_cancel_list_and_ttl(make_queue):
 def test_retry_limit_dead_letters_a_poison_job_without_blocking_others(make_queue):
     async def main():
         q = make_queue(max_attempts=2, visibility_timeout_s=0.3)
+        assert await q.dead_letters() == 0
         poison, _ = await q.submit({**REQUEST, "poison": True})
         good, _ = await q.submit(REQUEST)
 
@@ -105,6 +106,7 @@ def test_retry_limit_dead_letters_a_poison_job_without_blocking_others(make_queu
         dead = await q.get(poison.id)
         assert dead.status == "failed" and dead.error["code"] == "retry_limit"
         assert "blew up" in dead.error["last_error"]["message"]
+        assert await q.dead_letters() == 1  # what framewise_job_dead_letters reports
         await q.close()
 
     run(main())

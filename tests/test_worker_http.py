@@ -32,6 +32,9 @@ class FakeJobs:
     async def oldest_age(self) -> float:
         return 42.5
 
+    async def dead_letters(self) -> int:
+        return 2
+
 
 class FakePool:
     restarts = 1
@@ -70,6 +73,7 @@ def test_worker_health_and_metrics():
         assert float(lines["framewise_job_seconds_count"]) == 1
         assert float(lines["framewise_job_queue_depth"]) == 5
         assert float(lines["framewise_job_oldest_age_seconds"]) == 42.5
+        assert float(lines["framewise_job_dead_letters"]) == 2
         assert float(lines["framewise_engine_ready"]) == 1
 
     asyncio.run(run())

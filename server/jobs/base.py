@@ -92,4 +92,7 @@ class JobQueue(Protocol):
 
     async def oldest_age(self) -> float: ...
 
+    async def dead_letters(self) -> int:
+        """Jobs given up after their last attempt, queue-wide (the Redis queue keeps them in ``<prefix>:dead``)."""
+
     async def close(self) -> None: ...

@@ -27,6 +27,7 @@ class MemoryJobQueue:
         self.ready: asyncio.Queue[str] = asyncio.Queue()
         self.tokens: dict[str, str] = {}  # job id -> token of its current delivery
         self.leases: dict[str, float] = {}  # job id -> monotonic deadline of its current delivery
+        self.dead = 0  # jobs given up after their last attempt
         self.deliveries: dict[str, int] = {}
         self.completions_: dict[str, int] = {}
         self._seq = itertools.count(1)
@@ -135,6 +136,7 @@ class MemoryJobQueue:
         n = self.deliveries[job.id] = self.deliveries.get(job.id, 0) + 1
         self.leases.pop(job.id, None)
         if n > self.max_attempts:
+            self.dead += 1
             job.status, job.finished_at = "failed", time.time()
             job.error = {"code": "retry_limit", "status": 500, "message": f"gave up after {self.max_attempts} "
                          "attempts", "last_error": job.error}
@@ -215,6 +217,9 @@ class MemoryJobQueue:
     async def oldest_age(self) -> float:
         waiting = [j.created_at for j in self.jobs.values() if j.status in ("queued", "running")]
         return time.time() - min(waiting) if waiting else 0.0
+
+    async def dead_letters(self) -> int:
+        return self.dead
 
     async def ping(self) -> bool:
         return True

@@ -359,6 +359,9 @@ class RedisJobQueue:
             return 0.0
         return max(0.0, time.time() - int(first[0][0].split("-")[0]) / 1000)
 
+    async def dead_letters(self) -> int:
+        return int(await self.r.xlen(f"{self.p}:dead"))
+
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.r.ping(), 2))
