@@ -1,6 +1,6 @@
 # Framewise: two commands on a fresh machine.
 #   make serve   set up, make the tiny demo checkpoint if missing, start the gateway on 127.0.0.1:8000
-#   make test    set up, then the whole test suite
+#   make test    set up, then the whole test suite (Docker tests included; make test-fast leaves them out)
 #   make demo    the offline engine demo (one video, one answer, timings)
 #   make loadtest  locust against a gateway on 127.0.0.1 (HOST=http://127.0.0.1:PORT, else one on the demo model)
 VENV ?= .venv
@@ -9,7 +9,7 @@ DEMO_MODEL ?= .cache/models/tc-llava-demo
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo-model serve demo test test-docker lint loadtest
+.PHONY: setup demo-model serve demo test test-fast test-docker lint loadtest
 setup:
 	@bash scripts/setup.sh
 
@@ -23,11 +23,16 @@ serve: demo-model
 demo: demo-model
 	$(BIN)/framewise demo --model $(DEMO_MODEL)
 
+# everything, the Docker tests included (they install docker.io/docker-compose/debootstrap when missing and
+# run a private dockerd under a temp dir); `make test-fast` leaves them out, `make test-docker` runs only them
 test: demo-model
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: demo-model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not docker" $(PYTEST_ARGS)
 
-# the image build, `docker compose up` and the rendered Kubernetes container specs under a private dockerd
 test-docker: demo-model
 	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
 
