@@ -11,6 +11,10 @@ from __future__ import annotations
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "TCLlavaForConditionalGeneration": ("tc_llava", "model_plugins.models.tc_llava:TCLlavaForConditionalGeneration"),
     "VideoCCAM": ("videoccam", "model_plugins.models.video_ccam:VideoCCAMForConditionalGeneration"),
+    "StaveQwen2VLForConditionalGeneration": (
+        "stave_qwen2_vl", "model_plugins.models.stave:StaveQwen2VLForConditionalGeneration"),
+    "CustomQwen2VLForConditionalGeneration": (
+        "stave_qwen2_vl", "model_plugins.models.stave:CustomQwen2VLForConditionalGeneration"),
 }
 
 
@@ -36,9 +40,9 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from model_plugins.configs import TCLlavaConfig, VideoCCAMConfig
+    from model_plugins.configs import StaveQwen2VLConfig, TCLlavaConfig, VideoCCAMConfig
 
-    for config_cls in (TCLlavaConfig, VideoCCAMConfig):
+    for config_cls in (TCLlavaConfig, VideoCCAMConfig, StaveQwen2VLConfig):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     supported = set(ModelRegistry.get_supported_archs())
     for arch, (_, target) in ARCHITECTURES.items():

@@ -256,3 +256,103 @@ def video_ccam_v10_to_v12(v10: str | os.PathLike, base_llm: str | os.PathLike, v
     if (base_llm / "generation_config.json").exists():
         shutil.copy(base_llm / "generation_config.json", out)
     return out
+
+
+# ---- stock Qwen2-VL -> STAVE (zero-initialised temporal layers) ------------------------------
+
+STAVE_TEMPORAL_FILE = "model-stave-temporal.safetensors"
+
+
+def _stave_temporal_init(vision: dict, heads_scale: float, dtype, seed: int) -> dict:
+    """Temporal weights that leave the model unchanged: ``norm3`` an identity LayerNorm
+    (weight 1, bias 0), ``qkv`` N(0, initializer_range²) with zero bias (transformers'
+    default init, as the authors' ``create_base.py`` leaves it), ``proj`` = 0."""
+    import torch
+
+    d, heads, depth = vision["embed_dim"], vision["num_heads"], vision["depth"]
+    inner = max(1, round(heads * heads_scale)) * (d // heads)
+    std = float(vision.get("initializer_range", 0.02))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        out |= {p + "norm3.weight": torch.ones(d), p + "norm3.bias": torch.zeros(d),
+                p + "temp_attn.qkv.weight": torch.randn(3 * inner, d, generator=g) * std,
+                p + "temp_attn.qkv.bias": torch.zeros(3 * inner),
+                p + "temp_attn.proj.weight": torch.zeros(d, inner), p + "temp_attn.proj.bias": torch.zeros(d)}
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def qwen2vl_to_stave(src: str | os.PathLike, out: str | os.PathLike, *, layout: str = "released",
+                     heads_scale: float = 0.25, rope_theta: float = 10000.0, seed: int = 0) -> Path:
+    """Make a Qwen2-VL checkpoint servable as STAVE: config rewritten (``stave_qwen2_vl``,
+    temporal keys), source weights linked unchanged, temporal layers added in one extra shard
+    with ``proj`` = 0, so outputs equal stock Qwen2-VL until the temporal layers are trained.
+
+    A checkpoint that already holds every temporal weight (the authors' ``CustomQwen2VL...``)
+    keeps its own; one that holds only some fails naming the first missing key. Tokenizer,
+    chat template, preprocessor and generation configs are copied.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from model_plugins.configs.stave import TEMPORAL_OUTPUT_LAYOUTS
+
+    src, out = Path(src), Path(out)
+    if layout not in TEMPORAL_OUTPUT_LAYOUTS:
+        raise ValueError(f"layout must be one of {TEMPORAL_OUTPUT_LAYOUTS}, got {layout!r}")
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("model_type") not in ("qwen2_vl", "stave_qwen2_vl"):
+        raise ValueError(f"{src} is a {cfg.get('model_type')!r} checkpoint, not Qwen2-VL")
+    if src.resolve() == out.resolve():
+        raise ValueError("--out must differ from --src")
+    index = src / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else sorted(p.name for p in src.glob("*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {src}")
+    weight_map: dict[str, str] = {}
+    for name in files:
+        with safe_open(src / name, "pt") as f:
+            weight_map |= dict.fromkeys(f.keys(), name)
+    prefix = "model.visual." if any(k.startswith("model.visual.") for k in weight_map) else "visual."
+    vision = cfg["vision_config"]
+    heads_scale = cfg.get("temporal_heads_scale", heads_scale)
+    wanted = [f"{prefix}blocks.{i}.{name}" for i in range(vision["depth"]) for name in
+              ("norm3.weight", "norm3.bias", "temp_attn.qkv.weight", "temp_attn.qkv.bias",
+               "temp_attn.proj.weight", "temp_attn.proj.bias")]
+    present = [k for k in wanted if k in weight_map]
+    if present and len(present) != len(wanted):
+        missing = next(k for k in wanted if k not in weight_map)
+        raise ValueError(f"{src} holds some STAVE temporal weights but lacks {missing}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    renamed = {}
+    if not present:
+        norm1 = prefix + "blocks.0.norm1.weight"
+        with safe_open(src / weight_map[norm1], "pt") as f:
+            dtype = f.get_tensor(norm1).dtype
+        tensors = {prefix + k: v for k, v in _stave_temporal_init(vision, heads_scale, dtype, seed).items()}
+        if files == ["model.safetensors"]:  # one file: give it a shard name so the index is what loaders read
+            renamed["model.safetensors"] = "model-00001-of-00002.safetensors"
+            new_file = "model-00002-of-00002.safetensors"
+        else:
+            new_file = STAVE_TEMPORAL_FILE
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out / new_file, metadata={"format": "pt"})
+        weight_map = {k: renamed.get(v, v) for k, v in weight_map.items()} | dict.fromkeys(tensors, new_file)
+    for name in files:
+        target = out / renamed.get(name, name)
+        if not target.exists():
+            _link(src / name, target)
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+    cfg.update(model_type="stave_qwen2_vl", architectures=["StaveQwen2VLForConditionalGeneration"],
+               temporal_heads_scale=heads_scale, temporal_output_layout=layout,
+               temporal_rope_theta=cfg.get("temporal_rope_theta", rope_theta))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

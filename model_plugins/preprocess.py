@@ -9,6 +9,7 @@ message that says what was wrong, before a request reaches the engine.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -177,3 +178,101 @@ def clip_preprocess(frames: torch.Tensor, cfg: ImageProcessorConfig) -> torch.Te
         std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Qwen2-VL (STAVE): smart resize to multiples of 28, 2-frame temporal patches
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Qwen2VLPixelConfig:
+    """The subset of a Qwen2-VL ``preprocessor_config.json`` that matters."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Qwen2VLPixelConfig:
+        size = d.get("size") or {}
+        return cls(
+            min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels),
+            max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or cls.max_pixels),
+            patch_size=int(d.get("patch_size", cls.patch_size)),
+            temporal_patch_size=int(d.get("temporal_patch_size", cls.temporal_patch_size)),
+            merge_size=int(d.get("merge_size", cls.merge_size)),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+            "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": self.rescale_factor,
+            "do_normalize": True, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "do_convert_rgb": True, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
+
+@lru_cache(maxsize=16)
+def load_qwen2vl_pixel_config(model_dir: str) -> Qwen2VLPixelConfig:
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return Qwen2VLPixelConfig()
+    with open(path) as f:
+        return Qwen2VLPixelConfig.from_dict(json.load(f))
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of ``factor``, area within [min, max], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise InvalidMediaError(f"aspect ratio must be below 200, got {height}x{width}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen2vl_preprocess(frames: torch.Tensor, cfg: Qwen2VLPixelConfig) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2-VL processor semantics for one video (or an image, ``T = 1``).
+
+    ``(T, H, W, 3) uint8`` -> ``pixel_values (T'*h*w, 3*tps*p*p) float32`` and ``grid_thw [T', h, w]``:
+    frames resized (PIL bicubic on uint8, as transformers' ``Qwen2VLImageProcessorPil``) to
+    :func:`smart_resize`'s size, rescaled, normalised,
+    padded to a multiple of ``temporal_patch_size`` by repeating the last frame, and cut into
+    patches ordered by temporal step, then 2x2 merge window (rows), then the patch's
+    (channel, time, y, x) (columns)."""
+    p, m, tps = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    height, width = int(frames.shape[1]), int(frames.shape[2])
+    size = smart_resize(height, width, p * m, cfg.min_pixels, cfg.max_pixels)
+    if size != (height, width):
+        from PIL import Image
+
+        frames = torch.from_numpy(np.stack([
+            np.asarray(Image.fromarray(f).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+            for f in frames.cpu().numpy()]))
+    x = frames.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    x = (x * cfg.rescale_factor - mean) / std
+    if x.shape[0] % tps:
+        x = torch.cat([x, x[-1:].expand(tps - x.shape[0] % tps, -1, -1, -1)])
+    t, c = x.shape[0] // tps, x.shape[1]
+    h, w = size[0] // p, size[1] // p
+    x = x.reshape(t, tps, c, h // m, m, p, w // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h/m, w/m, m, m, c, tps, p, p
+    return x.reshape(t * h * w, c * tps * p * p).contiguous(), [t, h, w]

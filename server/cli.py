@@ -59,6 +59,14 @@ def cmd_convert_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_qwen2vl(args: argparse.Namespace) -> int:
+    from model_plugins.convert import qwen2vl_to_stave
+
+    out = qwen2vl_to_stave(args.src, args.out, layout=args.layout, seed=args.seed)
+    print(f"wrote STAVE checkpoint {out} (Qwen2-VL weights linked from {args.src}; temporal layers zero-initialised)")
+    return 0
+
+
 def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
     from model_plugins.convert import video_ccam_v10_to_v12
 
@@ -92,9 +100,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = AutoConfig.from_pretrained(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     num_frames = args.frames or config.num_frames
+    fps = getattr(config, "fps", None) if not args.frames else None  # STAVE: a rate (2 fps), capped at max_frames
     t0 = time.perf_counter()
-    frames = sample_video(video, FrameSampling(num_frames=num_frames), default_frames=num_frames,
-                          max_frames=config.max_frames, shortest_edge=config.vision_config.image_size).frames
+    frames = sample_video(video, FrameSampling(num_frames=None if fps else num_frames, fps=fps),
+                          default_frames=num_frames, max_frames=config.max_frames,
+                          shortest_edge=getattr(config.vision_config, "image_size", None)).frames
     decode_ms = (time.perf_counter() - t0) * 1000
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -225,7 +235,7 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-model", help="write a tiny random checkpoint in the real layout")
-    p.add_argument("--arch", required=True, choices=["tc-llava", "video-ccam"])
+    p.add_argument("--arch", required=True, choices=["tc-llava", "video-ccam", "stave"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)
@@ -242,6 +252,14 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=8)
     p.add_argument("--max-frames", type=int, default=32)
     p.set_defaults(func=cmd_convert_llava)
+
+    p = sub.add_parser("convert-qwen2vl", help="make a Qwen2-VL checkpoint servable as STAVE (zero-init temporal layers)")
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", choices=["released", "paper"], default="released",
+                   help="temporal_output_layout: released = the authors' write-back (default), paper = frame-major")
+    p.add_argument("--seed", type=int, default=0, help="seed of the temporal qkv init")
+    p.set_defaults(func=cmd_convert_qwen2vl)
 
     p = sub.add_parser("convert-checkpoint", help="Video-CCAM v1.0 (base + LoRA + projector) -> v1.2 layout")
     p.add_argument("--v10", required=True, help="the v1.0 release (projector/, llm_adapter/, visual_encoder_adapter/)")

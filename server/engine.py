@@ -17,6 +17,8 @@ class ModelDefaults:
     max_frames: int
     shortest_edge: int | None
     max_model_len: int
+    fps: float | None = None  # sample at this rate when a request names neither num_frames nor fps
+    placeholders: dict[str, str] | None = None  # the token each image/video part leaves in the prompt
 
 
 def engine_args(settings: Settings, overrides: dict | None = None):
@@ -71,6 +73,9 @@ class Engine:
             max_frames=int(getattr(cfg, "max_frames", 32)),
             shortest_edge=edge,
             max_model_len=int(args.max_model_len or s.max_model_len),
+            fps=float(cfg.fps) if getattr(cfg, "fps", None) else None,
+            placeholders={kind: self.tokenizer.convert_ids_to_tokens(int(getattr(cfg, f"{kind}_token_id")))
+                          for kind in ("image", "video") if getattr(cfg, f"{kind}_token_id", None) is not None},
         )
 
     def render(self, messages: list[dict]) -> str:

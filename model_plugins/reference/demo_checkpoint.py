@@ -135,8 +135,12 @@ def write_tc_llava(out_dir: str, *, seed: int = 0, video_token: bool = True, voc
     return save_checkpoint(out_dir, config, tokenizer, model, ipc)
 
 
-def save_checkpoint(out_dir: str, config, tokenizer, model: torch.nn.Module, ipc) -> str:
-    """Write config, tokenizer, safetensors, preprocessor and generation config atomically."""
+def save_checkpoint(out_dir: str, config, tokenizer, model: torch.nn.Module, ipc,
+                    json_files: dict[str, dict] | None = None, rename=None) -> str:
+    """Write config, tokenizer, safetensors, preprocessor and generation config atomically.
+
+    ``json_files``: more (or replacement) JSON files, by name (a non-CLIP preprocessor config);
+    ``rename``: maps the state dict to the on-disk key names."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
@@ -144,12 +148,18 @@ def save_checkpoint(out_dir: str, config, tokenizer, model: torch.nn.Module, ipc
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if rename is not None:
+            state = rename(state)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(ipc.to_dict(), f, indent=2)
+        if ipc is not None:
+            with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+                json.dump(ipc.to_dict(), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                        "pad_token_id": tokenizer.pad_token_id}, f, indent=2)
+        for name, data in (json_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(data, f, indent=2)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -205,7 +215,123 @@ def write_video_ccam(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
     return save_checkpoint(out_dir, config, tokenizer, model, ipc)
 
 
-WRITERS = {"tc-llava": write_tc_llava, "video-ccam": write_video_ccam}
+# ---- STAVE (Qwen2-VL layout) -------------------------------------------------------------------
+
+QWEN2VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                          "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's ChatML shape: default system turn, each image/video part rendered in place as
+# <|vision_start|><|image_pad|/<|video_pad|><|vision_end|>, text parts verbatim.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') or 'image' in part or 'image_url' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] in ('video', 'video_url') or 'video' in part or 'video_url' in part %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CHATML_CORPUS = [
+    "system\nYou are a helpful assistant.", "user\nWhat happens in this video?", "assistant\n",
+    "Describe this image.", "What is different between the two videos?",
+]
+
+
+def build_qwen2vl_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and ChatML template (no BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN2VL_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((_CORPUS + _CHATML_CORPUS) * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN2VL_SPECIAL_TOKENS[1:])
+    fast.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return fast
+
+
+def qwen2vl_preprocessor_config(min_pixels: int = 3136, max_pixels: int = 200704) -> dict:
+    from model_plugins.preprocess import CLIP_MEAN, CLIP_STD
+
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "resample": 3,
+    }
+
+
+def stave_config(tokenizer, **overrides):
+    from model_plugins.configs import StaveQwen2VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = dict(
+        architectures=["StaveQwen2VLForConditionalGeneration"],
+        vision_config=dict(depth=2, embed_dim=160, hidden_size=128, hidden_act="quick_gelu", mlp_ratio=2,
+                           num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+            tie_word_embeddings=False, use_sliding_window=False,
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        tie_word_embeddings=False,
+        temporal_heads_scale=0.25,
+        temporal_output_layout="released",
+        temporal_rope_theta=10000.0,
+        dtype="float32",
+    )
+    cfg.update(overrides)
+    return StaveQwen2VLConfig(**cfg)
+
+
+def write_stave(out_dir: str, *, seed: int = 0, zero_temporal_proj: bool = False, **config_overrides) -> str:
+    """A tiny random STAVE checkpoint in the Qwen2-VL layout, with the key names transformers writes
+    (``visual.*``, ``model.*``, ``lm_head.*``) plus ``visual.blocks.{i}.{norm3,temp_attn.*}``.
+    Temporal weights are random too, unless ``zero_temporal_proj``: then ``temp_attn.proj`` is
+    zero and the model is plain Qwen2-VL."""
+    from model_plugins.reference.stave import StaveReference, to_original_qwen2vl_keys
+
+    tokenizer = build_qwen2vl_tokenizer()
+    config = stave_config(tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = StaveReference(config)
+    init_random_(model, seed)
+    if zero_temporal_proj:
+        with torch.no_grad():
+            for blk in model.model.visual.blocks:
+                blk.temp_attn.proj.weight.zero_()
+                blk.temp_attn.proj.bias.zero_()
+    ids = tokenizer.convert_tokens_to_ids
+    generation = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
+                  "pad_token_id": ids("<|endoftext|>")}
+    return save_checkpoint(out_dir, config, tokenizer, model, None,
+                           {"preprocessor_config.json": qwen2vl_preprocessor_config(),
+                            "generation_config.json": generation}, rename=to_original_qwen2vl_keys)
+
+
+WRITERS = {"tc-llava": write_tc_llava, "video-ccam": write_video_ccam, "stave": write_stave}
 
 
 def write_demo_checkpoint(arch: str, out_dir: str, **overrides) -> str:

@@ -31,6 +31,13 @@ class LongVideo(Exception):
     """This request's video is long enough to go through the job queue."""
 
 
+def _fps(v, defaults) -> float | None:
+    """The request's fps; else the model's default rate (``fps`` in config.json) unless it asked for num_frames."""
+    if v.fps is not None or v.num_frames is not None:
+        return v.fps
+    return getattr(defaults, "fps", None)
+
+
 async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, dict]:
     s, v = services.settings, part.video_url
     defaults = services.engine.defaults
@@ -39,7 +46,7 @@ async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, d
         if route_long and s.queue_above_mb is not None and media.size > s.queue_above_mb * MB:
             raise LongVideo(v.url)
         res = await services.video.sample(
-            media.path, media.sha256, FrameSampling(v.num_frames, v.fps, v.start, v.end),
+            media.path, media.sha256, FrameSampling(v.num_frames, _fps(v, defaults), v.start, v.end),
             default_frames=defaults.num_frames, max_frames=defaults.max_frames, shortest_edge=defaults.shortest_edge,
             queue_above_s=s.queue_above_s if route_long else None)
     finally:
@@ -104,7 +111,9 @@ def render_prompt(engine, body: ChatCompletionRequest, videos: int, images: int)
                        "messages") from None
     tokenizer = getattr(engine, "tokenizer", None)
     for kind, count in (("video", videos), ("image", images)):
-        placeholder = getattr(tokenizer, f"{kind}_token", None) or PLACEHOLDERS[kind]
+        model_placeholders = getattr(getattr(engine, "defaults", None), "placeholders", None) or {}
+        placeholder = (getattr(tokenizer, f"{kind}_token", None) or model_placeholders.get(kind)
+                       or PLACEHOLDERS[kind])
         if count and text.count(placeholder) < count:
             raise APIError(400, "unsupported_media_in_template",
                            f"the model's chat template places {text.count(placeholder)} of the request's {count} "
