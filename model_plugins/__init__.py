@@ -15,6 +15,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
         "stave_qwen2_vl", "model_plugins.models.stave:StaveQwen2VLForConditionalGeneration"),
     "CustomQwen2VLForConditionalGeneration": (
         "stave_qwen2_vl", "model_plugins.models.stave:CustomQwen2VLForConditionalGeneration"),
+    # vLLM's in-tree Qwen2-VL, model code untouched, on the plugin's preprocessing: STAVE's baseline
+    "Qwen2VLOnPluginPreprocessing": ("stave_qwen2_vl", "model_plugins.models.stave:Qwen2VLOnPluginPreprocessing"),
 }
 
 

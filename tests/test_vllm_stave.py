@@ -153,6 +153,13 @@ def zero_engine(zero_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stock_engine(zero_dir, tmp_path_factory):
+    """vLLM's in-tree Qwen2-VL model code (no temporal layers) on the same weights and preprocessing."""
+    yield from _engine(Path(zero_dir), tmp_path_factory, "qwen2vl-stock", enable_prefix_caching=False,
+                       enforce_eager=True, hf_overrides={"architectures": ["Qwen2VLOnPluginPreprocessing"]})
+
+
+@pytest.fixture(scope="module")
 def released_batch(released_engine, tokenizer):
     """Every scenario in ONE engine call (continuous batching, text-only request included)."""
     reqs = scenarios(tokenizer)
@@ -245,6 +252,19 @@ def test_zero_proj_equals_transformers_qwen2vl(zero_engine, zero_dir, tokenizer)
         err = prompt_logprob_error(result, transformers_logprobs(hf, cfg, ref, req))
         assert err.max() <= TOL, f"differs from transformers' Qwen2-VL by {err.max():.3g}"
         assert_matches_reference(result, ref, req)
+
+
+def test_zero_proj_equals_vllm_stock_qwen2vl(zero_engine, stock_engine, tokenizer):
+    """temp_attn.proj = 0: vLLM STAVE equals vLLM's own Qwen2-VL (in-tree model code, the temporal weights
+    skipped) on every scenario, batched with a text-only request: the subclassed tower adds nothing else."""
+    cases = scenarios(tokenizer)
+    reqs = list(cases.values())
+    for name, ours, stock in zip(cases, zero_engine.generate(reqs, GREEDY), stock_engine.generate(reqs, GREEDY),
+                                 strict=True):
+        assert ours["prompt_token_ids"] == stock["prompt_token_ids"]
+        assert ours["token_ids"] == stock["token_ids"]
+        err = torch.nan_to_num(token_logprobs(ours) - token_logprobs(stock)).abs()
+        assert err.max() <= TOL, f"{name}: differs from vLLM's Qwen2-VL by {err.max():.3g}"
 
 
 def test_random_proj_changes_visual_token_logprobs(released_batch, zero_engine, config):

@@ -330,3 +330,17 @@ class StaveQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
 class CustomQwen2VLForConditionalGeneration(StaveQwen2VLForConditionalGeneration):
     """The authors' class name (config.json of checkpoints saved by their code)."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(StaveMultiModalProcessor, info=StaveProcessingInfo,
+                                        dummy_inputs=StaveDummyInputsBuilder)
+class Qwen2VLOnPluginPreprocessing(Qwen2VLForConditionalGeneration):
+    """vLLM's in-tree Qwen2-VL, model code untouched, fed by the plugin's torch preprocessing (its own
+    processor needs torchvision): the stock baseline STAVE is compared with. The temporal weights of a
+    STAVE checkpoint are skipped, so ``hf_overrides={"architectures": ["Qwen2VLOnPluginPreprocessing"]}``
+    runs any STAVE checkpoint as plain Qwen2-VL."""
+
+    supports_mm_device_do_normalize = False  # the plugin's processor hands over normalised pixels
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights((n, w) for n, w in weights if ".temp_attn." not in n and ".norm3." not in n)
