@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,64 +250,64 @@ def part_length(server: str, srv: servers.Server, media: Clips, lengths: list[tu
     return rows
 
 
-def part_overhead_gateway(srv: servers.Server, media: Clips, clip: str, reps: int, args) -> dict:
-    """Upload the clip once, then ask about ``file-<id>`` ``reps`` times (frame-cache hits after the first)."""
+def part_overhead(srv: servers.Server, media: Clips, clip: str, reps: int, worker, args) -> dict:
+    """The gateway's own cost, side by side: ``clip`` uploaded once, then ``reps`` rounds of one streamed request
+    about ``file-<id>`` through the gateway (frame-cache hits after the first) and one straight into the in-process
+    ``AsyncLLM`` ``worker`` (:class:`bench.gateway_stages.InProcess`: same frames, prompt and SamplingParams, same
+    CPU), alternating, so that the machine's load weighs on both alike."""
     up = httpx.post(f"{srv.base_url}/v1/files", files={"file": (media.paths[clip].name,
                                                                 media.paths[clip].read_bytes())}, timeout=60)
     up.raise_for_status()
     body = chat_body("framewise", up.json()["id"], 8, args.overhead_tokens)
-    asyncio.run(run_level(srv.base_url, [body] * 3, 1, args.timeout))  # warm: decode, frame cache, prefix cache
-    res = asyncio.run(run_level(srv.base_url, [body] * reps, 1, args.timeout))
-    return {"ttft_p50": res["ttft_p50"], "e2e_p50": res["e2e_p50"], "errors": res["errors"], "requests": reps}
+    gw, direct, errors = [], [], 0
+
+    async def rounds(n: int, keep: bool) -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(timeout=args.timeout) as client:
+            for _ in range(n):
+                r = await one_request(client, srv.base_url, body)
+                d = worker.request()
+                if keep:
+                    errors += not r["ok"]
+                    if r["ok"]:
+                        gw.append(r)
+                    direct.append(d)
+
+    asyncio.run(rounds(3, False))  # warm: decode, frame cache, prefix cache, both engines
+    asyncio.run(rounds(reps, True))
+    g = {"ttft_p50": pct([r["ttft"] for r in gw], 0.5), "e2e_p50": pct([r["e2e"] for r in gw], 0.5),
+         "errors": errors, "requests": reps}
+    i = {"ttft_p50": pct([d["ttft"] for d in direct], 0.5), "e2e_p50": pct([d["e2e"] for d in direct], 0.5),
+         "requests": reps}
+    return {"gateway": g, "inprocess": i, "ttft_overhead_ms": round((g["ttft_p50"] - i["ttft_p50"]) * 1000, 2),
+            "e2e_overhead_ms": round((g["e2e_p50"] - i["e2e_p50"]) * 1000, 2), "errors": errors,
+            "method": "interleaved: one gateway request, then one in-process request, same CPU"}
 
 
-def inprocess_worker(model: str, clip: str, reps: int, max_tokens: int) -> dict:
-    """Straight into ``AsyncLLM`` (Framewise's engine wrapper: the same engine arguments as ``framewise serve``):
-    the same frames, the same rendered prompt, the same sampling parameters; TTFT and e2e per request."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+def inprocess_worker(model: Path, clip: Path, cpus: list[int], env: dict | None = None, max_tokens: int = 1):
+    """A running in-process ``AsyncLLM`` baseline (:class:`bench.gateway_stages.InProcess`)."""
+    from bench.gateway_stages import InProcess
 
-    from server.engine import Engine
-    from server.settings import Settings
-    from server.video.decode import sample_video
-    from server.video.sampling import FrameSampling
-
-    async def go() -> dict:
-        engine = Engine(Settings(model=model, served_model_name=MODEL))
-        await engine.start()
-        d = engine.defaults
-        frames = sample_video(clip, FrameSampling(num_frames=8), default_frames=d.num_frames,
-                              max_frames=d.max_frames, shortest_edge=d.shortest_edge).frames
-        question = chat_body("framewise", "x", 8, max_tokens)["messages"][0]["content"][1]["text"]
-        text = engine.render([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}])
-        prompt = {"prompt": text, "multi_modal_data": {"video": [frames]}}
-        ttfts, e2es = [], []
-        for i in range(reps + 3):
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                    output_kind=RequestOutputKind.DELTA)
-            start, first = time.perf_counter(), None
-            async for _ in engine.generate(prompt, params, f"inproc-{i}"):
-                first = first or time.perf_counter() - start
-            if i >= 3:  # the first three warm up, as for the gateway
-                ttfts.append(first)
-                e2es.append(time.perf_counter() - start)
-        engine.shutdown()
-        return {"ttft_p50": pct(ttfts, 0.5), "e2e_p50": pct(e2es, 0.5), "requests": reps}
-
-    return asyncio.run(go())
+    log = Path(tempfile.gettempdir()) / f"fw-serve-e2e-inprocess-{os.getpid()}.log"
+    return InProcess(model, clip, "asyncio", cpus, log, env=env, max_tokens=max_tokens)
 
 
-def part_overhead_inprocess(model: Path, clip: Path, reps: int, cpus: list[int], args) -> dict:
-    log = Path(tempfile.gettempdir()) / "fw-serve-e2e-inprocess.log"
-    with tempfile.NamedTemporaryFile(suffix=".json") as out, open(log, "w") as err:
-        cmd = ["taskset", "-c", ",".join(map(str, cpus)), sys.executable, str(Path(__file__).resolve()),
-               "--inprocess-worker", json.dumps({"model": str(model), "clip": str(clip), "reps": reps,
-                                                 "max_tokens": args.overhead_tokens, "out": out.name})]
-        subprocess.run(cmd, cwd=tempfile.gettempdir(), check=True, timeout=900,
-                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-                            "PYTHONPATH": str(ROOT)},
-                       stdout=subprocess.DEVNULL, stderr=err)
-        return json.loads(Path(out.name).read_text())
+ENGINE_GIB = 4.0  # one demo-checkpoint engine (API process, engine core, worker with 1 GiB KV cache): ~3.6 GiB
+
+
+def mem_available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / (1 << 20)
+    return 0.0
+
+
+def start_server(server: str, model: Path, workdir: Path, media: Clips, cpus: list[int],
+                 env: dict | None = None) -> servers.Server:
+    if server == "framewise":
+        return servers.framewise(model, workdir / server, allowed_hosts=f"127.0.0.1:{media.port}",
+                                 args=FRAMEWISE_ARGS, cpus=cpus, env=env)
+    return servers.vllm_openai(model, workdir / server, num_frames=8, cpus=cpus, env=env)
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -428,14 +429,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--model", type=Path, default=servers.DEMO_MODEL)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--inprocess-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.inprocess_worker:
-        spec = json.loads(args.inprocess_worker)
-        res = inprocess_worker(spec["model"], spec["clip"], spec["reps"], spec["max_tokens"])
-        Path(spec["out"]).write_text(json.dumps(res))
-        sys.stdout.flush()
-        os._exit(0)  # skip the interpreter teardown, which can abort after vLLM on CPU
 
     # a compile cache of its own: vLLM's default one is shared with every other engine on the machine, and an
     # engine killed while compiling can leave a truncated artefact there
@@ -471,16 +465,47 @@ def main() -> int:
                  "machine": f"{os.cpu_count()} CPUs", "server_cpus": server_cpus, "client_cpus": client_cpus,
                  "max_tokens": args.max_tokens, "load": [], "repeat": [], "length": []}
     work = Path(tempfile.mkdtemp(prefix="fw-serve-e2e-"))
+    server_names = args.servers.split(",")
+    # --quick proves the benchmark runs, not its numbers: engines start while others are measured, as many at once as
+    # the machine has memory for (3: the in-process engine and the next server start with the first server; 2: the
+    # next server starts once the in-process engine is done), each with a compile cache of its own (no two processes
+    # write one at once). A full run starts each engine alone.
+    free = mem_available_gib()
+    at_once = 1 if not args.quick else 3 if free >= 3 * ENGINE_GIB else 2 if free >= 2 * ENGINE_GIB else 1
+    print(f"engines at once: {at_once} ({free:.1f} GiB available)", flush=True)
+    early = ThreadPoolExecutor(at_once - 1) if at_once > 1 else None
+    cache_root = Path(os.environ["VLLM_CACHE_ROOT"])
+
+    def cache(name: str) -> dict | None:
+        return {"VLLM_CACHE_ROOT": str(cache_root / name)} if early else None
+
+    short = media.paths["short-h264"]
+    pending = {}
+    if early and "overhead" in parts and "framewise" in server_names:
+        pending["inprocess"] = early.submit(inprocess_worker, args.model, short, server_cpus, cache("inprocess"),
+                                            args.overhead_tokens)
+    if at_once == 3 and len(server_names) > 1:
+        nxt = server_names[1]
+        pending[nxt] = early.submit(start_server, nxt, args.model, work, media, server_cpus, cache(nxt))
     try:
-        for server in args.servers.split(","):
+        for n, server in enumerate(server_names):
             t0 = time.perf_counter()
-            if server == "framewise":
-                srv = servers.framewise(args.model, work / server, allowed_hosts=f"127.0.0.1:{media.port}",
-                                        args=FRAMEWISE_ARGS, cpus=server_cpus)
-            else:
-                srv = servers.vllm_openai(args.model, work / server, num_frames=8, cpus=server_cpus)
+            srv = pending.pop(server).result() if server in pending else start_server(
+                server, args.model, work, media, server_cpus, cache(server))
             print(f"{server} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             try:
+                if "overhead" in parts and server == "framewise":  # first: the in-process engine then stops
+                    worker = (pending.pop("inprocess").result() if "inprocess" in pending
+                              else inprocess_worker(args.model, short, server_cpus, max_tokens=args.overhead_tokens))
+                    try:
+                        res["overhead"] = part_overhead(srv, media, "short-h264", args.overhead_reps, worker, args)
+                    finally:
+                        worker.close()
+                    print(json.dumps(res["overhead"]), flush=True)
+                    save(res, out)
+                if early and n + 1 < len(server_names) and server_names[n + 1] not in pending:
+                    nxt = server_names[n + 1]
+                    pending[nxt] = early.submit(start_server, nxt, args.model, work, media, server_cpus, cache(nxt))
                 if "load" in parts:
                     res["load"] += part_load(server, srv, media, cases, levels, args)
                     save(res, out)
@@ -490,20 +515,14 @@ def main() -> int:
                 if "length" in parts:
                     res["length"] += part_length(server, srv, media, length_clips, args)
                     save(res, out)
-                if "overhead" in parts and server == "framewise":
-                    res["overhead"] = {"gateway": part_overhead_gateway(srv, media, "short-h264",
-                                                                        args.overhead_reps, args)}
             finally:
                 srv.close()
-        if "overhead" in parts and "overhead" in res:
-            o = res["overhead"]
-            o["inprocess"] = part_overhead_inprocess(args.model, media.paths["short-h264"], args.overhead_reps,
-                                                     server_cpus, args)
-            o["ttft_overhead_ms"] = round((o["gateway"]["ttft_p50"] - o["inprocess"]["ttft_p50"]) * 1000, 2)
-            o["e2e_overhead_ms"] = round((o["gateway"]["e2e_p50"] - o["inprocess"]["e2e_p50"]) * 1000, 2)
-            o["errors"] = o["gateway"]["errors"]
-            print(json.dumps(o), flush=True)
     finally:
+        for f in pending.values():  # started early, never used (an error came first)
+            with contextlib.suppress(Exception):
+                f.result().close()
+        if early:
+            early.shutdown(wait=True)
         media.close()
     res["ratios"] = ratios(res["load"])
     res["targets"] = targets(res)

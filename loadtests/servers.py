@@ -57,19 +57,21 @@ class Server:
         self.proc = subprocess.Popen([*pin, *cmd], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})})
         deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"{name} exited with {self.proc.returncode}; log: {log_path}\n"
-                                   + log_path.read_text()[-3000:])
-            try:
-                if httpx.get(self.base_url + ready_path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.close()
-        raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s; log: {log_path}")
+        try:
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {self.proc.returncode}; log: {log_path}\n"
+                                       + log_path.read_text()[-3000:])
+                try:
+                    if httpx.get(self.base_url + ready_path, timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s; log: {log_path}")
+        except BaseException:  # not ready, or interrupted while waiting: never leave the process group behind
+            self.close()
+            raise
 
     def pids(self) -> list[int]:
         """The server's processes (its session: engine core and decode workers included)."""
@@ -114,7 +116,7 @@ def framewise(model: Path, workdir: Path, *, name: str = "tc-llava", allowed_hos
 
 def vllm_openai(model: Path, workdir: Path, *, name: str = "tc-llava", num_frames: int = 8,
                 local_media: Path | None = None, max_model_len: int = 4096, cpus: list[int] | None = None,
-                args: tuple[str, ...] = ()) -> Server:
+                args: tuple[str, ...] = (), env: dict | None = None) -> Server:
     """vLLM's own OpenAI server; it loads the Framewise plugin through the ``vllm.general_plugins`` entry point.
     ``cwd`` is the repository root, whose ``model_plugins`` is the installed (editable) package itself."""
     port = free_port()
@@ -128,4 +130,5 @@ def vllm_openai(model: Path, workdir: Path, *, name: str = "tc-llava", num_frame
     return Server("vllm", cmd, port, workdir / "vllm.log", ready_path="/health", cpus=cpus, timeout_s=900,
                   env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                        # its default 256 MB download limit refuses a 10 min 720p clip (Framewise's is raised too)
-                       "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", "4096")})
+                       "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", "4096"),
+                       **(env or {})})

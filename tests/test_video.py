@@ -98,6 +98,23 @@ def test_parallel_decoders_return_exactly_what_one_decoder_returns(clips):
     assert sample_video(clips["h264"], FrameSampling(8), default_frames=8, max_frames=8).extra["decoders"] == 1
 
 
+def test_decoders_never_outnumber_the_cpus_the_process_may_run_on(clips):
+    """A decode worker pinned to one CPU (``taskset``, as the benchmark pins the server) gets one decoder, not
+    ``limits.threads`` of them taking turns on that CPU; the frames are the same either way."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.fail("needs 2 CPUs to compare pinned and unpinned decoding")
+    params, limits = FrameSampling(12), DecodeLimits(threads=2)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})  # this thread, and the decoder threads it starts
+        pinned = sample_video(clips["long_gop"], params, default_frames=8, max_frames=64, limits=limits)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    free = sample_video(clips["long_gop"], params, default_frames=8, max_frames=64, limits=limits)
+    assert (pinned.extra["decoders"], free.extra["decoders"]) == (1, 2)
+    assert np.array_equal(pinned.frames, free.frames) and pinned.timestamps == free.timestamps
+
+
 def test_scaling_in_the_decoder_keeps_aspect(clips):
     _, v = indices(clips["h264"], 2, edge=56)
     assert v.frames.shape == (2, 56, 90, 3)
