@@ -22,8 +22,8 @@ client and server processes) at each boundary:
   http_out       body sent -> the client has parsed the first chunk with a choice
 
 Modes, one request each per round, interleaved (a shared machine's load hits them alike):
-  gateway            the app as ``framewise serve`` builds it
-  pure-record        the same app with its ``record`` middleware rewritten as pure ASGI (:class:`RecordASGI`)
+  gateway            the app as ``framewise serve`` builds it (pure-ASGI ``RecordMiddleware``)
+  basehttp-record    the same app with that middleware as the ``BaseHTTPMiddleware`` it used to be
   direct             the same engine, in the gateway's process, called straight (no HTTP, no gateway code)
   inprocess-asyncio  ``AsyncLLM`` in a process of its own (the issue's baseline), asyncio event loop
   inprocess-uvloop   the same on uvloop (uvicorn's loop)
@@ -61,57 +61,48 @@ STAGES = ["http_in", "parse_validate", "route", "render", "media", "frames", "ru
 # ---- the instrumented server (a child process) -----------------------------------------------------------
 
 
-class RecordASGI:
-    """The app's ``record`` middleware (request id, request metrics, access log) as a pure ASGI middleware:
-    the variant ``--variant pure-record`` measures (Starlette's ``BaseHTTPMiddleware``, which
-    ``@app.middleware("http")`` makes, runs the app in a task of its own and passes every message through a
-    memory stream)."""
+def record_basehttp(services):
+    """The request-id / metrics / access-log middleware as it was before it became pure ASGI
+    (``server.app.RecordMiddleware``): a ``BaseHTTPMiddleware`` (what ``@app.middleware("http")`` makes), which
+    runs the app in a task of its own and passes every message through a memory stream. Variant
+    ``basehttp-record`` measures what that cost."""
+    from starlette.middleware.base import BaseHTTPMiddleware
 
-    def __init__(self, app, services):
-        self.app, self.services = app, services
+    from server import logs
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from starlette.datastructures import Headers
+    class RecordBaseHTTP(BaseHTTPMiddleware):
+        async def dispatch(self, request, call_next):
+            start = time.perf_counter()
+            rid = logs.new_request_id(request.headers.get("x-request-id"))
+            request.state.request_id = rid
+            token = logs.request_id.set(rid)
+            try:
+                response = await call_next(request)
+            finally:
+                logs.request_id.reset(token)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - start
+            services.metrics.requests.labels(route, str(response.status_code)).inc()
+            services.metrics.request_seconds.labels(route).observe(elapsed)
+            response.headers["X-Request-ID"] = rid
+            logging.getLogger("framewise.access").info(
+                "%s %s %d", request.method, request.url.path, response.status_code,
+                extra={"request_id": rid, "route": route, "status": response.status_code,
+                       "ms": round(elapsed * 1000, 1), "client": request.client.host if request.client else None})
+            return response
 
-        from server import logs
-
-        start = time.perf_counter()
-        rid = logs.new_request_id(Headers(scope=scope).get("x-request-id"))
-        scope.setdefault("state", {})["request_id"] = rid
-        token = logs.request_id.set(rid)
-
-        async def send_wrapper(msg):
-            if msg["type"] == "http.response.start":
-                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
-                route = getattr(scope.get("route"), "path", "unmatched")
-                elapsed = time.perf_counter() - start
-                m = self.services.metrics
-                m.requests.labels(route, str(msg["status"])).inc()
-                m.request_seconds.labels(route).observe(elapsed)
-                client = scope.get("client")
-                logging.getLogger("framewise.access").info(
-                    "%s %s %d", scope["method"], scope["path"], msg["status"],
-                    extra={"request_id": rid, "route": route, "status": msg["status"], "ms": round(elapsed * 1000, 1),
-                           "client": client[0] if client else None})
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            logs.request_id.reset(token)
+    return RecordBaseHTTP
 
 
 def serve(model: str, port: int, files_dir: str) -> None:
     """``framewise serve`` with spans around each stage (bench-only wrappers), plus, in the same process and
-    on the same engine: the app with the pure-ASGI ``record`` (header ``x-bench-variant: pure-record``) and
+    on the same engine: the app with the former ``BaseHTTPMiddleware`` record (header
+    ``x-bench-variant: basehttp-record``) and
     ``/bench/direct`` (one generate straight into the engine with the cached frames; the TTFT it measured)."""
     import uvicorn
     from starlette.middleware import Middleware
-    from starlette.middleware.base import BaseHTTPMiddleware
 
-    from server.app import create_app
+    from server.app import RecordMiddleware, create_app
     from server.chat import media as media_mod
     from server.chat import pipeline
     from server.engine import Engine
@@ -125,10 +116,10 @@ def serve(model: str, port: int, files_dir: str) -> None:
     engine = Engine(settings)
     app = create_app(settings, engine)
     services = app.state.services
-    pure = create_app(settings, engine)  # its own services are never started: it uses the first app's
-    pure.state.services = services
-    [i] = [i for i, m in enumerate(pure.user_middleware) if m.cls is BaseHTTPMiddleware]
-    pure.user_middleware[i] = Middleware(RecordASGI, services=services)
+    alt = create_app(settings, engine)  # its own services are never started: it uses the first app's
+    alt.state.services = services
+    [i] = [i for i, m in enumerate(alt.user_middleware) if m.cls is RecordMiddleware]
+    alt.user_middleware[i] = Middleware(record_basehttp(services))
     spans: list[dict] = []
     # the spans of the request being handled (a context variable: the end of one streamed request can overlap
     # the start of the next)
@@ -230,7 +221,7 @@ def serve(model: str, port: int, files_dir: str) -> None:
             await send(msg)
             if chat and msg["type"] == "http.response.body" and msg.get("body"):
                 rec.setdefault("asgi_first_body", now())
-        await (pure if variant == "pure-record" else app)(scope, receive, snd)
+        await (alt if variant == "basehttp-record" else app)(scope, receive, snd)
         if chat:
             spans.append(rec)
 
@@ -336,7 +327,7 @@ class InProcess:
 # ---- the client -------------------------------------------------------------------------------------------
 
 
-MODES = ("gateway", "pure-record", "direct", "inprocess-asyncio", "inprocess-uvloop")
+MODES = ("gateway", "basehttp-record", "direct", "inprocess-asyncio", "inprocess-uvloop")
 
 
 async def client_run(base: str, file_id: str, reps: int, warm: int, workers: dict[str, InProcess]
@@ -446,7 +437,7 @@ def main() -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reps": args.reps,
            "server_cpus": server_cpus, "client_cpus": client_cpus, "load_before": load_before,
            "load_after": load_after}
-    for mode in ("gateway", "pure-record"):
+    for mode in ("gateway", "basehttp-record"):
         mine = [s for s in spans if s["variant"] == mode][args.warm:]
         res[mode] = summary(stage_rows(client[mode], mine))
         print(mode, json.dumps(res[mode]["p50"]), flush=True)
@@ -454,7 +445,7 @@ def main() -> int:
         res[mode] = summary(client[mode])
         print(mode, json.dumps(res[mode]["p50"]), flush=True)
     overhead = {f"{a} - {b}": round(res[a]["p50"]["ttft"] - res[b]["p50"]["ttft"], 2)
-                for a in ("gateway", "pure-record") for b in ["direct", *workers]}
+                for a in ("gateway", "basehttp-record") for b in ["direct", *workers]}
     res["ttft_overhead_ms_p50"] = overhead
     print(json.dumps({k: v for k, v in res.items() if k not in MODES}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
