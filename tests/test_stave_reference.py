@@ -21,13 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model_plugins.convert import qwen2vl_to_stave
+from model_plugins.preprocess import Qwen2VLPixelConfig, qwen2vl_preprocess
 from model_plugins.reference.demo_checkpoint import init_random_, write_stave
 from model_plugins.reference.stave import (
-    Qwen2VLProcessorConfig,
     StaveReference,
     TemporalAttention,
     mrope_positions,
-    qwen2vl_preprocess,
 )
 from tests.conftest import ROOT
 
@@ -220,18 +219,19 @@ def test_greedy_matches_full_recompute(demo_dir):
 # ---- preprocessing --------------------------------------------------------------------------------
 
 def test_preprocessing_matches_transformers_image_processor():
-    """Resize (smart_resize + PIL bicubic), normalisation and patch order equal transformers'
+    """The plugin's preprocessing (the engine's and the reference's): resize (smart_resize + PIL bicubic),
+    normalisation and patch order equal transformers'
     Qwen2VLImageProcessorPil; a video's temporal patches pair consecutive frames, the odd last
     frame repeated."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    pc = Qwen2VLProcessorConfig()
+    pc = Qwen2VLPixelConfig(min_pixels=3136, max_pixels=200704)  # the demo's and STAVE's eval setting
     hf = Qwen2VLImageProcessorPil(min_pixels=pc.min_pixels, max_pixels=pc.max_pixels)
     for h, w in ((50, 70), (33, 200), (560, 700)):  # upscale, odd aspect, downscale past max_pixels
         img = rng_frames(h, 1, h, w)
         ours, grid = qwen2vl_preprocess(torch.from_numpy(img), pc)
         out = hf(images=[img[0]], return_tensors="pt")
-        assert grid == tuple(out["image_grid_thw"][0].tolist())
+        assert tuple(grid) == tuple(out["image_grid_thw"][0].tolist())
         assert grid[1] * grid[2] * 196 <= pc.max_pixels
         assert (ours - out["pixel_values"]).abs().max() <= 1e-5, (h, w)
 

@@ -31,14 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from model_plugins.configs import StaveQwen2VLConfig
-from model_plugins.preprocess import CLIP_MEAN, CLIP_STD, as_frames
+from model_plugins.preprocess import Qwen2VLPixelConfig, as_frames, load_qwen2vl_pixel_config, qwen2vl_preprocess
 
 # ---- checkpoint key layouts -----------------------------------------------------------------
 
@@ -105,73 +104,6 @@ def load_checkpoint_tensors(model_dir: str) -> dict[str, torch.Tensor]:
 
 
 # ---- Qwen2-VL preprocessing (Qwen2VLImageProcessor semantics) -----------------------------
-
-@dataclass(frozen=True)
-class Qwen2VLProcessorConfig:
-    min_pixels: int = 3136
-    max_pixels: int = 200704
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
-    rescale_factor: float = 1 / 255
-
-    @classmethod
-    def from_dir(cls, model_dir: str) -> Qwen2VLProcessorConfig:
-        path = os.path.join(model_dir, "preprocessor_config.json")
-        d = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
-        size = d.get("size") or {}
-        return cls(
-            min_pixels=int(d.get("min_pixels", size.get("shortest_edge", cls.min_pixels))),
-            max_pixels=int(d.get("max_pixels", size.get("longest_edge", cls.max_pixels))),
-            patch_size=int(d.get("patch_size", 14)), temporal_patch_size=int(d.get("temporal_patch_size", 2)),
-            merge_size=int(d.get("merge_size", 2)), image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(d.get("image_std", CLIP_STD)), rescale_factor=float(d.get("rescale_factor", 1 / 255)))
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Nearest size with both sides multiples of ``factor`` and area in [min, max] pixels."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} exceeds 200")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def qwen2vl_preprocess(frames: torch.Tensor, pc: Qwen2VLProcessorConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 ``(T, H, W, 3)`` -> ``pixel_values (T'*h*w, C*tp*p*p)`` and ``grid_thw (T', h, w)``.
-
-    Each frame is resized (PIL bicubic on uint8, as transformers' Qwen2VLImageProcessorPil) to
-    ``smart_resize`` of its size, rescaled and normalised. Frames are grouped into temporal patches
-    of ``tp`` (an image is repeated ``tp`` times; a short last group repeats the last frame). Rows go
-    temporal patch, then 2x2 merge window (h/m, w/m, m, m); columns (C, tp, p, p) as the Conv3d reads.
-    """
-    from PIL import Image
-
-    t, height, width, _ = frames.shape
-    p, m, tp = pc.patch_size, pc.merge_size, pc.temporal_patch_size
-    rh, rw = smart_resize(height, width, p * m, pc.min_pixels, pc.max_pixels)
-    arr = frames.cpu().numpy()
-    if (rh, rw) != (height, width):
-        arr = np.stack([np.asarray(Image.fromarray(f).resize((rw, rh), Image.Resampling.BICUBIC)) for f in arr])
-    x = torch.from_numpy(np.ascontiguousarray(arr)).float() * pc.rescale_factor
-    x = (x - torch.tensor(pc.image_mean)) / torch.tensor(pc.image_std)
-    x = x.permute(0, 3, 1, 2)  # (T, C, H, W)
-    pad = (-t) % tp  # an image (T = 1) becomes tp copies of itself
-    if pad:
-        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-    gt, gh, gw = x.shape[0] // tp, rh // p, rw // p
-    x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
-    return x.reshape(gt * gh * gw, 3 * tp * p * p).contiguous(), (gt, gh, gw)
-
 
 # ---- rotary embeddings ----------------------------------------------------------------------
 
@@ -462,10 +394,10 @@ class PreparedPrompt:
 
 
 class StaveReference(nn.Module):
-    def __init__(self, config: StaveQwen2VLConfig, processor: Qwen2VLProcessorConfig | None = None):
+    def __init__(self, config: StaveQwen2VLConfig, processor: Qwen2VLPixelConfig | None = None):
         super().__init__()
         self.config = config
-        self.processor = processor or Qwen2VLProcessorConfig()
+        self.processor = processor or Qwen2VLPixelConfig()
         self.model = Qwen2VLModel(config)
         tc = config.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
@@ -479,7 +411,7 @@ class StaveReference(nn.Module):
         """Load a STAVE checkpoint (either key layout). A missing or misshaped temporal weight
         raises ``ValueError`` naming the key."""
         config = StaveQwen2VLConfig.from_pretrained(model_dir, **config_overrides)
-        model = cls(config, Qwen2VLProcessorConfig.from_dir(model_dir))
+        model = cls(config, load_qwen2vl_pixel_config(model_dir))
         state = load_checkpoint_tensors(model_dir)
         prefix = "model.visual." if any(k.startswith("model.visual.") for k in state) else "visual."
         for key, shape in temporal_weight_shapes(config, prefix).items():  # named as in the checkpoint
@@ -499,7 +431,8 @@ class StaveReference(nn.Module):
         frames = as_frames(media, what="video" if video else "image")
         if not video and frames.shape[0] != 1:
             raise ValueError(f"an image has one frame, got {frames.shape[0]}")
-        return qwen2vl_preprocess(frames, self.processor)
+        pixels, grid = qwen2vl_preprocess(frames, self.processor)
+        return pixels, tuple(grid)
 
     @torch.no_grad()
     def vision_embeddings(self, pixels: torch.Tensor, grid_thw: Sequence[tuple[int, int, int]],
