@@ -25,7 +25,7 @@ from server.media.files import FileStore
 from server.media.sources import MediaResolver
 from server.metrics import Metrics
 from server.openapi import ERROR_RESPONSES
-from server.routers import chat, files, health, jobs, models
+from server.routers import chat, files, health, jobs, models, playground
 from server.settings import Settings
 from server.video.decode import DecodeLimits
 from server.video.pool import DecodePool
@@ -152,6 +152,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_exception_handler(VLLMClientError, lambda request, exc: error_response(400, "invalid_request", str(exc)))
     for router in (chat.router, files.router, models.router, jobs.router, health.router):
         app.include_router(router, responses=ERROR_RESPONSES)
+    app.include_router(playground.router)  # the page; not in the OpenAPI document
     # added before `record` so that middleware (outside this one) logs and counts the 413s too
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings), api_keys=settings.api_keys)
 

@@ -54,6 +54,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class FramewiseOptions(BaseModel):
+    """Framewise's request extensions (the OpenAI SDKs send them with ``extra_body``)."""
+
+    return_frames: Literal["none", "thumbnails"] = Field(
+        "none", description="`thumbnails`: each `framewise.media[]` item of the response carries `thumbnails`, "
+        "the frames given to the model (after its image processor's resize and crop) as JPEG data URLs aligned "
+        "with `timestamps`; longest side <= 160 px, each <= 16 KiB, at most 64 per response")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # vLLM refuses non-finite values
 
@@ -78,6 +87,7 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    framewise: FramewiseOptions | None = None
 
     @model_validator(mode="after")
     def _logprobs(self):

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from server.chat.thumbnails import add_thumbnails
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, ImagePart, TextPart, VideoPart
 from server.video.decode import MediaError
@@ -146,10 +147,12 @@ async def prepare(services, body: ChatCompletionRequest, route_long: bool = Fals
     except APIError as e:
         services.metrics.media_errors.labels(e.code).inc()
         raise
-    video_info = iter([i for _, i in loaded[: len(videos)]])
-    image_info = iter([i for _, i in loaded[len(videos):]])
-    media = [next(video_info) if isinstance(p, VideoPart) else next(image_info)
-             for p in parts if not isinstance(p, TextPart)]
+    video_items, image_items = iter(loaded[: len(videos)]), iter(loaded[len(videos):])
+    ordered = [next(video_items) if isinstance(p, VideoPart) else next(image_items)
+               for p in parts if not isinstance(p, TextPart)]
+    media = [info for _, info in ordered]
+    if body.framewise is not None and body.framewise.return_frames == "thumbnails":
+        await add_thumbnails(ordered, s.model)
     mm = {}
     if videos:
         mm["video"] = [x for x, _ in loaded[: len(videos)]]

@@ -349,6 +349,7 @@ async def stream_queued(services, job: Job, deadline: float | None, include_usag
     waiter = asyncio.create_task(_final(services, job.id))
     final = None
     try:
+        yield f": queued as {job.id}, status {job.status}\n\n"  # at once: a client can follow the job's events
         while not waiter.done():
             left = keepalive if deadline is None else deadline - loop.time()
             if left <= 0:
