@@ -396,9 +396,11 @@ def test_request_timeout_aborts_the_engine_request(gateway, media):
         assert (r.status_code, r.json()["error"]["code"]) == (504, "timeout"), r.text
     assert not done and events[-1]["error"]["code"] == "timeout" and len(events) > 1
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 15
-    # the engine stopped: nothing running, and far fewer tokens than the 3 x 8 x 4000 asked for
+    # the engine stopped: it goes idle with the requests unfinished. With ignore_eos, requests that were not
+    # aborted would run until all 3 x 8 x 4000 tokens exist (or keep the engine busy past the wait). How many
+    # tokens came before the timeout depends on the machine's speed (54,424 of 96,000 on a quiet 2-core VM).
     after = _wait_engine_idle(gateway)
-    assert 0 < after - generated < 0.5 * 3 * 8 * 4000
+    assert 0 < after - generated < 3 * 8 * 4000
     jobs = httpx.get(f"{gateway.base_url}/v1/jobs?limit=1", headers=gateway.headers).json()["data"]
     assert jobs[0]["status"] == "cancelled"
     time.sleep(1.0)  # a second look: the counter no longer moves
