@@ -280,12 +280,18 @@ def test_browser_upload_ask_stream_and_see_the_frames(gateway, clips, browser, t
     page.close()
 
 
-@pytest.mark.engine
-def test_browser_long_video_shows_job_progress(gateway, clips, browser):
+def open_with_key(browser, url: str):
+    """The page with the API key already stored (as after a first visit), once it has listed the model."""
     page = browser.new_page()
     page.add_init_script(f"localStorage.setItem('framewise.apiKey', '{KEY}')")
-    page.goto(gateway.base_url + "/")
+    page.goto(url)
     page.wait_for_function("document.getElementById('model-name').textContent === 'model: tc-llava'")
+    return page
+
+
+@pytest.mark.engine
+def test_browser_long_video_shows_job_progress(gateway, clips, browser):
+    page = open_with_key(browser, gateway.base_url + "/")
     page.fill("#url", clips.url("long.mp4"))
     page.dispatch_event("#url", "input")
     page.fill("#num-frames", "5")
@@ -302,10 +308,7 @@ def test_browser_long_video_shows_job_progress(gateway, clips, browser):
 
 @pytest.mark.engine
 def test_browser_cancels_a_running_job(gateway, clips, browser):
-    page = browser.new_page()
-    page.add_init_script(f"localStorage.setItem('framewise.apiKey', '{KEY}')")
-    page.goto(gateway.base_url + "/playground")
-    page.wait_for_function("document.getElementById('model-name').textContent === 'model: tc-llava'")
+    page = open_with_key(browser, gateway.base_url + "/playground")
     page.fill("#url", clips.url("long.mp4"))
     page.dispatch_event("#url", "input")
     page.fill("#num-frames", "4")
