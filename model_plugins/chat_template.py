@@ -27,6 +27,29 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# Qwen-VL-Chat's ChatML with its own image tags (RED-VILLM): an image part is "Picture n: <img></img>",
+# a video part "Video n: <img><imgpad></img>" (two distinct token sequences the processor expands
+# to <img> + pads + </img>), each followed by a newline, text parts verbatim.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{%- set fw = namespace(pictures=0, videos=0) -%}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}{% set fw.pictures = fw.pictures + 1 %}"
+    "Picture {{ fw.pictures }}: <img></img>\n"
+    "{% elif part['type'] in ('video', 'video_url') %}{% set fw.videos = fw.videos + 1 %}"
+    "Video {{ fw.videos }}: <img><imgpad></img>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # The source template runs unchanged inside a macro on the messages with every video part
 # turned into an image part; the k-th image token it emits then becomes the k-th media
 # part's own token. IMAGE/VIDEO/SOURCE are substituted by ``with_video_parts``.

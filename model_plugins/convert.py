@@ -356,3 +356,282 @@ def qwen2vl_to_stave(src: str | os.PathLike, out: str | os.PathLike, *, layout: 
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "config.json":
             shutil.copy(f, out / f.name)
     return out
+
+
+# ---- Qwen-VL(-Chat) -> RED-VILLM (a fresh temporal module) -----------------------------------
+
+RED_VILLM_MODULE_FILE = "model-red-villm.safetensors"
+RED_VILLM_SKIPPED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+RED_VILLM_OPTIONS = ("temporal_module", "spatial_path", "pad_temporal_to", "token_order", "vision_layer",
+                     "num_frames", "max_frames")
+MODULE_PREFIXES = ("transformer.visual.temporal_module.", "transformer.visual.spatial_module.")
+_MODULE_KEYS = {"linear": ("weight", "bias"), "mlp2": ("0.weight", "0.bias", "2.weight", "2.bias")}
+
+
+def qwen_vl_expected_keys(cfg: dict) -> set[str]:
+    """Every tensor name of a Qwen-VL(-Chat) checkpoint (Qwen-1 LLM + ``transformer.visual``)."""
+    vis = cfg["visual"]
+    keys = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        keys |= {p + k for k in ("ln_1.weight", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                                 "ln_2.weight", "mlp.w1.weight", "mlp.w2.weight", "mlp.c_proj.weight")}
+    v = "transformer.visual."
+    keys |= {v + k for k in ("conv1.weight", "positional_embedding", "ln_pre.weight", "ln_pre.bias", "ln_post.weight",
+                             "ln_post.bias", "proj", "attn_pool.query", "attn_pool.pos_embed",
+                             "attn_pool.attn.in_proj_weight", "attn_pool.attn.in_proj_bias",
+                             "attn_pool.attn.out_proj.weight", "attn_pool.attn.out_proj.bias", "attn_pool.ln_q.weight",
+                             "attn_pool.ln_q.bias", "attn_pool.ln_kv.weight", "attn_pool.ln_kv.bias")}
+    if vis["width"] != vis["output_dim"]:  # Qwen-VL's Resampler: an identity kv_proj when the widths agree
+        keys.add(v + "attn_pool.kv_proj.weight")
+    for j in range(vis["layers"]):
+        p = f"{v}transformer.resblocks.{j}."
+        keys |= {p + k for k in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.in_proj.weight",
+                                 "attn.in_proj.bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                                 "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
+    return keys
+
+
+def red_villm_module_init(kind: str, in_dim: int, out_dim: int, generator, dtype) -> dict:
+    """A fresh ``linear`` (in -> out) or ``mlp2`` (Linear in -> out, GELU, Linear out -> out) module,
+    initialised as ``torch.nn.Linear`` is (weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))), names
+    relative to the module."""
+    import torch
+
+    def linear(prefix: str, fan_in: int) -> dict:
+        bound = 1.0 / fan_in ** 0.5
+        return {prefix + "weight": (torch.rand(out_dim, fan_in, generator=generator) * 2 - 1) * bound,
+                prefix + "bias": (torch.rand(out_dim, generator=generator) * 2 - 1) * bound}
+
+    out = linear("", in_dim) if kind == "linear" else linear("0.", in_dim) | linear("2.", out_dim)
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def _source_weights(src: Path) -> tuple[str, list[str]]:
+    """``("safetensors" | "bin", files)``: the files the source index names, else every weight file."""
+    for kind, index, pattern in (("safetensors", "model.safetensors.index.json", "*.safetensors"),
+                                 ("bin", "pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        path = src / index
+        files = (sorted(set(json.loads(path.read_text())["weight_map"].values())) if path.exists()
+                 else sorted(p.name for p in src.glob(pattern)))
+        if files:
+            return kind, files
+    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {src}")
+
+
+def _bin_to_safetensors(src: Path, files: list[str], out: Path, max_shard_bytes: int) -> dict[str, str]:
+    """Stream ``pytorch_model*.bin`` shards (memory-mapped, tensors only) into safetensors shards."""
+    import torch
+
+    from model_plugins.weights import ShardWriter
+
+    writer = ShardWriter(out, max_shard_bytes)
+    try:
+        for name in files:
+            state = torch.load(src / name, map_location="cpu", mmap=True, weights_only=True)
+            for key in list(state):
+                writer.add(key, state.pop(key).clone())  # own storage: no views shared across tensors
+            del state
+        written = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if len(written) == 1:
+        from safetensors import safe_open
+
+        with safe_open(written[0], "pt") as f:
+            return dict.fromkeys(f.keys(), written[0].name)
+    return json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def _weight_names(src: Path, kind: str, files: list[str]) -> dict[str, str]:
+    """``{tensor name: file}`` of the source without reading tensor data (safetensors headers;
+    ``.bin`` shards memory-mapped)."""
+    import torch
+    from safetensors import safe_open
+
+    weight_map: dict[str, str] = {}
+    for name in files:
+        if kind == "safetensors":
+            with safe_open(src / name, "pt") as f:
+                weight_map |= dict.fromkeys(f.keys(), name)
+        else:
+            weight_map |= dict.fromkeys(torch.load(src / name, map_location="cpu", mmap=True, weights_only=True),
+                                        name)
+    return weight_map
+
+
+def _tensor(path: Path, key: str):
+    """One tensor of a safetensors or ``.bin`` file."""
+    import torch
+    from safetensors import safe_open
+
+    if path.suffix == ".safetensors":
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(key)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)[key]
+
+
+def _held_modules(src: Path, weight_map: dict[str, str]) -> dict[str, str]:
+    """The RED-VILLM modules the source already holds: ``{"temporal_module": "linear"|"mlp2", ...}``."""
+    held: dict[str, str] = {}
+    for module in ("temporal_module", "spatial_module"):
+        prefix = f"transformer.visual.{module}."
+        names = sorted(k[len(prefix):] for k in weight_map if k.startswith(prefix))
+        if not names:
+            continue
+        found = next((k for k, keys in _MODULE_KEYS.items() if names == sorted(keys)), None)
+        if found is None:
+            raise ValueError(f"{src} holds {prefix}{{{', '.join(names)}}}: neither a linear nor an mlp2 module")
+        held[module] = found
+    if "spatial_module" in held and "temporal_module" not in held:
+        raise ValueError(f"{src} holds a spatial_module but no temporal_module")
+    if "spatial_module" in held and held["spatial_module"] != held["temporal_module"]:
+        raise ValueError(f"{src}: its temporal ({held['temporal_module']}) and spatial ({held['spatial_module']}) "
+                         "modules differ in kind")
+    return held
+
+
+def qwen_vl_to_red_villm(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    max_shard_bytes: int = 4 << 30,
+    **options: object,
+) -> Path:
+    """Make a Qwen-VL(-Chat) checkpoint (``model_type: qwen`` with ``visual``, ``qwen.tiktoken``)
+    servable as RED-VILLM.
+
+    Safetensors weights are hard-linked unchanged (``pytorch_model*.bin`` are streamed into
+    safetensors shards); a seeded fresh ``transformer.visual.temporal_module`` (``linear`` by
+    default, or ``mlp2``), plus ``spatial_module`` for ``spatial_path="tokenwise"``, goes into one
+    extra shard, with a merged index. A source that already holds these modules (RED-VILLM weights
+    saved in Qwen-VL's layout) keeps them; their kind is read from the key names. ``config.json``
+    keeps every Qwen-VL key and adds RED-VILLM's; the tiktoken vocabulary becomes ``tokenizer.json``
+    with Qwen-VL's special tokens at their ids and the ChatML template. Everything is checked
+    before anything is written.
+
+    ``options``: RED-VILLM's config keys (``temporal_module``, ``spatial_path``, ``pad_temporal_to``,
+    ``token_order``, ``vision_layer``, ``num_frames``, ``max_frames``); each given one wins over the
+    source config's value, which wins over RED-VILLM's default.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
+    from model_plugins.configs.red_villm import RedVillmConfig
+    from model_plugins.tiktoken_convert import (
+        ENDOFTEXT,
+        IM_END,
+        load_tiktoken_ranks,
+        qwen_vl_special_tokens,
+        write_qwen_vl_tokenizer,
+    )
+
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} has no config.json")
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("model_type") != "qwen" or not isinstance(cfg.get("visual"), dict):
+        what = "a Qwen(-1) LLM without 'visual'" if cfg.get("model_type") == "qwen" else repr(cfg.get("model_type"))
+        raise ValueError(f"{src} is {what} checkpoint, not Qwen-VL (config.json model_type 'qwen' with a "
+                         "'visual' block)")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{src} is a quantized ({method}) Qwen-VL; convert the full-precision checkpoint")
+    unknown = sorted(set(options) - set(RED_VILLM_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown RED-VILLM option {unknown[0]!r}; choose from {RED_VILLM_OPTIONS}")
+    if not (src / "qwen.tiktoken").is_file():
+        raise FileNotFoundError(f"{src} has no qwen.tiktoken (Qwen-VL's tokenizer vocabulary)")
+    if out.exists() and src.resolve() == out.resolve():
+        raise ValueError("--out must differ from --src")
+
+    kind, files = _source_weights(src)
+    weight_map = _weight_names(src, kind, files)
+    held = _held_modules(src, weight_map)
+    options = {k: cfg[k] for k in RED_VILLM_OPTIONS if k in cfg} | options
+    if "temporal_module" in held:  # trained modules are kept: the config must describe them
+        if options.get("temporal_module") not in (None, held["temporal_module"]):
+            raise ValueError(f"{src} already holds a {held['temporal_module']} temporal_module; "
+                             f"--temporal-module {options['temporal_module']} contradicts it")
+        options["temporal_module"] = held["temporal_module"]
+        if "spatial_module" in held:
+            options["spatial_path"] = "tokenwise"
+        elif options.get("spatial_path") == "tokenwise":
+            raise ValueError(f"{src} holds a temporal_module but no spatial_module; tokenwise needs both")
+    expected = qwen_vl_expected_keys(cfg)
+    source_keys = {k for k in weight_map if not k.startswith(MODULE_PREFIXES)}
+    missing, unexpected = sorted(expected - source_keys), sorted(source_keys - expected)
+    if missing or unexpected:
+        raise ValueError(f"{src} does not hold Qwen-VL's weights for its config: "
+                         + (f"missing {missing[0]} ({len(missing)} missing)" if missing else "")
+                         + ("; " if missing and unexpected else "")
+                         + (f"unexpected {unexpected[0]} ({len(unexpected)} unexpected)" if unexpected else ""))
+    dtype = _tensor(src / weight_map["transformer.visual.conv1.weight"], "transformer.visual.conv1.weight").dtype
+    config_kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", "auto_map", "architectures",
+                                                               "transformers_version", "text_config")}
+    config = RedVillmConfig(**(config_kwargs | options), architectures=["RedVillmForConditionalGeneration"])
+    ranks = load_tiktoken_ranks(src / "qwen.tiktoken")
+    special = qwen_vl_special_tokens(len(ranks))
+    if special["<img>"] != config.image_start_id:
+        raise ValueError(f"qwen.tiktoken puts <img> at {special['<img>']} but config visual.image_start_id is "
+                         f"{config.image_start_id}")
+    if max(special.values()) >= config.vocab_size:
+        raise ValueError(f"Qwen-VL's special tokens reach id {max(special.values())}, outside the "
+                         f"{config.vocab_size}-row embedding")
+
+    # ---- write ----
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "bin":
+        weight_map = _bin_to_safetensors(src, files, out, max_shard_bytes)
+    vis = config.visual
+    renamed: dict[str, str] = {}
+    new_modules = [m for m in ("temporal_module", "spatial_module") if m not in held
+                   and (m == "temporal_module" or config.spatial_path == "tokenwise")]
+    if new_modules:
+        g = torch.Generator().manual_seed(seed)
+        tensors = {f"transformer.visual.{m}.{k}": v for m in new_modules for k, v in red_villm_module_init(
+            config.temporal_module, vis["width"], vis["output_dim"], g, dtype).items()}
+        if sorted(set(weight_map.values())) == ["model.safetensors"]:  # one file: a shard name, so the index is read
+            renamed["model.safetensors"] = "model-00001-of-00002.safetensors"
+            new_file = "model-00002-of-00002.safetensors"
+        else:
+            new_file = RED_VILLM_MODULE_FILE
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out / new_file, metadata={"format": "pt"})
+        weight_map = {k: renamed.get(v, v) for k, v in weight_map.items()} | dict.fromkeys(tensors, new_file)
+    if kind == "safetensors":
+        for name in files:
+            target = out / renamed.get(name, name)
+            if not target.exists():
+                _link(src / name, target)
+    else:
+        for old, new in renamed.items():
+            os.replace(out / old, out / new)
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+    # config: transformers' rendering, plus every Qwen-VL key it does not write back (use_cache, torch_dtype)
+    config.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    merged = {**{k: v for k, v in cfg.items() if k != "auto_map"}, **saved}
+    if not (cfg.get("torch_dtype") or cfg.get("dtype")):
+        merged["dtype"] = str(dtype).removeprefix("torch.")  # the weights' own, not transformers' float32 default
+    (out / "config.json").write_text(json.dumps(merged, indent=2))
+
+    write_qwen_vl_tokenizer(ranks, out, chat_template=QWEN_VL_CHAT_TEMPLATE,
+                            model_max_length=int(cfg.get("max_position_embeddings", 8192)))
+    install_chat_template(out, QWEN_VL_CHAT_TEMPLATE)
+    gen = json.loads((src / "generation_config.json").read_text()) if (src / "generation_config.json").exists() else {}
+    # ChatML turns end with <|im_end|>; Qwen's own chat() stops on it (and on <|endoftext|>)
+    gen.update(eos_token_id=[special[IM_END], special[ENDOFTEXT]], pad_token_id=special[ENDOFTEXT])
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+    for f in src.iterdir():  # README, licence, qwen.tiktoken, ...; not Qwen's remote code (not used)
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.suffix != ".py" \
+                and f.name not in RED_VILLM_SKIPPED and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    return out

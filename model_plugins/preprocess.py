@@ -276,3 +276,31 @@ def qwen2vl_preprocess(frames: torch.Tensor, cfg: Qwen2VLPixelConfig) -> tuple[t
     x = x.reshape(t, tps, c, h // m, m, p, w // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h/m, w/m, m, m, c, tps, p, p
     return x.reshape(t * h * w, c * tps * p * p).contiguous(), [t, h, w]
+
+
+# ----------------------------------------------------------------------------------------
+# Qwen-VL (RED-VILLM): every frame resized to a square, no crop
+# ----------------------------------------------------------------------------------------
+
+
+def qwen_vl_preprocess(frames: object, image_size: int) -> torch.Tensor:
+    """Qwen-VL's image transform on every frame: PIL bicubic resize to ``(S, S)`` (aspect not
+    kept, no crop), ``/255``, CLIP mean/std.
+
+    ``frames``: ``uint8`` ``(T, H, W, 3)`` (numpy or torch), one ``(H, W, 3)`` frame, or a list
+    of PIL images / frames -> ``(T, 3, S, S) float32``."""
+    if isinstance(frames, (list, tuple)) and frames and all(hasattr(f, "convert") for f in frames):
+        frames = [np.asarray(f.convert("RGB")) for f in frames]
+    if isinstance(frames, np.ndarray) and frames.ndim == 3:
+        frames = frames[None]
+    t = as_frames(frames, what="video")
+    size = (int(image_size), int(image_size))
+    arr = t.cpu().numpy()
+    if tuple(arr.shape[1:3]) != size:
+        from PIL import Image
+
+        arr = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BICUBIC)) for f in arr])
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()

@@ -67,6 +67,25 @@ def cmd_convert_qwen2vl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_qwen_vl(args: argparse.Namespace) -> int:
+    from model_plugins.convert import RED_VILLM_OPTIONS, qwen_vl_to_red_villm
+
+    try:
+        given = {k: getattr(args, k) for k in RED_VILLM_OPTIONS if hasattr(args, k)}
+        out = qwen_vl_to_red_villm(args.src, args.out, seed=args.seed,
+                                   **{k: v for k, v in given.items() if v is not None or k == "pad_temporal_to"})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"framewise convert-qwen-vl: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote RED-VILLM checkpoint {out} (Qwen-VL weights from {args.src}; temporal module freshly "
+          f"initialised with seed {args.seed} unless the source held one)")
+    return 0
+
+
+def _frames_or_none(value: str) -> int | None:
+    return None if value.lower() in ("none", "null") else int(value)
+
+
 def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
     from model_plugins.convert import video_ccam_v10_to_v12
 
@@ -102,9 +121,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     num_frames = args.frames or config.num_frames
     fps = getattr(config, "fps", None) if not args.frames else None  # STAVE: a rate (2 fps), capped at max_frames
     t0 = time.perf_counter()
+    edge = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if getattr(config, "model_type", None) == "red_villm":
+        edge = config.visual["image_size"]  # as the gateway: frames no smaller than Qwen-VL's square input
     frames = sample_video(video, FrameSampling(num_frames=None if fps else num_frames, fps=fps),
-                          default_frames=num_frames, max_frames=config.max_frames,
-                          shortest_edge=getattr(config.vision_config, "image_size", None)).frames
+                          default_frames=num_frames, max_frames=config.max_frames, shortest_edge=edge).frames
     decode_ms = (time.perf_counter() - t0) * 1000
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -235,7 +256,7 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-model", help="write a tiny random checkpoint in the real layout")
-    p.add_argument("--arch", required=True, choices=["tc-llava", "video-ccam", "stave"])
+    p.add_argument("--arch", required=True, choices=["tc-llava", "video-ccam", "stave", "red-villm"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)
@@ -260,6 +281,28 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
                    help="temporal_output_layout: released = the authors' write-back (default), paper = frame-major")
     p.add_argument("--seed", type=int, default=0, help="seed of the temporal qkv init")
     p.set_defaults(func=cmd_convert_qwen2vl)
+
+    p = sub.add_parser("convert-qwen-vl", help="make a Qwen-VL(-Chat) checkpoint servable as RED-VILLM "
+                                              "(fresh temporal module, tiktoken -> tokenizer.json)")
+    p.add_argument("--src", required=True, help="Qwen-VL(-Chat) directory (config.json, weights, qwen.tiktoken)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--temporal-module", dest="temporal_module", choices=["linear", "mlp2"],
+                   help="the new temporal module: linear (default) or mlp2 (Linear, GELU, Linear); "
+                        "a source holding one keeps its own")
+    p.add_argument("--spatial-path", dest="spatial_path", choices=["adapter", "tokenwise"],
+                   help="adapter: Qwen-VL's 256-query adapter on the frame-mean grid (default); tokenwise: a new "
+                        "spatial_module on every pooled patch")
+    p.add_argument("--pad-temporal-to", dest="pad_temporal_to", type=_frames_or_none, default=argparse.SUPPRESS,
+                   help="temporal tokens zero-padded to this many frames (default 100; none = one per frame)")
+    p.add_argument("--token-order", dest="token_order", choices=["temporal_first", "spatial_first"],
+                   help="temporal_first (default) or spatial_first")
+    p.add_argument("--vision-layer", dest="vision_layer", choices=["last", "penultimate"],
+                   help="ViT output the video path pools: last (default) or penultimate; images always use the last")
+    p.add_argument("--num-frames", dest="num_frames", type=int, help="frames per video by default (default 100)")
+    p.add_argument("--max-frames", dest="max_frames", type=int, help="frames per video at most "
+                   "(default: --pad-temporal-to)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new modules' init")
+    p.set_defaults(func=cmd_convert_qwen_vl)
 
     p = sub.add_parser("convert-checkpoint", help="Video-CCAM v1.0 (base + LoRA + projector) -> v1.2 layout")
     p.add_argument("--v10", required=True, help="the v1.0 release (projector/, llm_adapter/, visual_encoder_adapter/)")

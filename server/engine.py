@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from server.settings import Settings
 
+# RED-VILLM (Qwen-VL's tags): what its chat template writes for an image / a video part
+RED_VILLM_PLACEHOLDERS = {"image": "<img></img>", "video": "<img><imgpad></img>"}
+
 
 @dataclass
 class ModelDefaults:
@@ -39,6 +42,29 @@ def engine_args(settings: Settings, overrides: dict | None = None):
     return AsyncEngineArgs(**{**defaults, **(overrides or {})})
 
 
+def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelDefaults:
+    """The gateway's view of the served model, from its config and tokenizer."""
+    from model_plugins.preprocess import load_image_processor_config
+
+    size = getattr(getattr(cfg, "vision_config", None), "image_size", None)
+    edge = load_image_processor_config(model_dir, size).shortest_edge if size else None
+    placeholders = {kind: tokenizer.convert_ids_to_tokens(int(getattr(cfg, f"{kind}_token_id")))
+                    for kind in ("image", "video") if getattr(cfg, f"{kind}_token_id", None) is not None}
+    if getattr(cfg, "model_type", None) == "red_villm":
+        # Qwen-VL resizes every frame to image_size x image_size (no crop): frames are decoded no
+        # smaller than that on their short side; media parts are tag pairs, not one token
+        edge = int(cfg.visual["image_size"])
+        placeholders = dict(RED_VILLM_PLACEHOLDERS)
+    return ModelDefaults(
+        num_frames=int(getattr(cfg, "num_frames", 8)),
+        max_frames=int(getattr(cfg, "max_frames", 32)),
+        shortest_edge=edge,
+        max_model_len=max_model_len,
+        fps=float(cfg.fps) if getattr(cfg, "fps", None) else None,
+        placeholders=placeholders,
+    )
+
+
 class Engine:
     def __init__(self, settings: Settings, engine_overrides: dict | None = None):
         self.settings = settings
@@ -59,24 +85,12 @@ class Engine:
         from transformers import AutoConfig, AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from model_plugins.preprocess import load_image_processor_config
-
         s = self.settings
         args = engine_args(s, self.engine_overrides)
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         cfg = AutoConfig.from_pretrained(s.model)
-        size = getattr(getattr(cfg, "vision_config", None), "image_size", None)
-        edge = load_image_processor_config(s.model, size).shortest_edge if size else None
-        self.defaults = ModelDefaults(
-            num_frames=int(getattr(cfg, "num_frames", 8)),
-            max_frames=int(getattr(cfg, "max_frames", 32)),
-            shortest_edge=edge,
-            max_model_len=int(args.max_model_len or s.max_model_len),
-            fps=float(cfg.fps) if getattr(cfg, "fps", None) else None,
-            placeholders={kind: self.tokenizer.convert_ids_to_tokens(int(getattr(cfg, f"{kind}_token_id")))
-                          for kind in ("image", "video") if getattr(cfg, f"{kind}_token_id", None) is not None},
-        )
+        self.defaults = model_defaults(cfg, self.tokenizer, s.model, int(args.max_model_len or s.max_model_len))
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -28,7 +28,8 @@ def run_cli(*args, env=None, cwd=None):
 
 def test_plugin_entry_point_registers_the_architecture():
     assert check_plugin() == ["TCLlavaForConditionalGeneration", "VideoCCAM", "StaveQwen2VLForConditionalGeneration",
-                              "CustomQwen2VLForConditionalGeneration", "Qwen2VLOnPluginPreprocessing"]
+                              "CustomQwen2VLForConditionalGeneration", "Qwen2VLOnPluginPreprocessing",
+                              "RedVillmForConditionalGeneration"]
     model_plugins.register()  # idempotent
     from transformers import AutoConfig
 

@@ -331,7 +331,81 @@ def write_stave(out_dir: str, *, seed: int = 0, zero_temporal_proj: bool = False
                             "generation_config.json": generation}, rename=to_original_qwen2vl_keys)
 
 
-WRITERS = {"tc-llava": write_tc_llava, "video-ccam": write_video_ccam, "stave": write_stave}
+# ---- RED-VILLM (Qwen-VL layout) ------------------------------------------------------------------
+
+QWEN_VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]
+
+_QWEN_VL_CORPUS = ["Picture 1: a frame.", "Video 1: a clip.", "Picture 2: another image.",
+                   "What is happening in the video?"]
+
+
+def build_qwen_vl_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer with Qwen-VL's ChatML specials and its image tags ``<img>``,
+    ``</img>``, ``<imgpad>`` (consecutive ids, as in Qwen-VL), eos ``<|im_end|>``, Qwen-VL's chat
+    template (no BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_VL_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((_CORPUS + _CHATML_CORPUS + _QWEN_VL_CORPUS) * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_VL_SPECIAL_TOKENS[1:])
+    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    ids = [fast.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<imgpad>")]
+    if ids != [ids[0], ids[0] + 1, ids[0] + 2]:
+        raise AssertionError(f"<img>, </img>, <imgpad> must have consecutive ids, got {ids}")
+    return fast
+
+
+def red_villm_config(tokenizer, **overrides):
+    """A tiny ``red_villm`` config; ``visual`` overrides merge into the tiny vision defaults."""
+    from model_plugins.configs.red_villm import RedVillmConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    visual = dict(heads=4, image_size=448, image_start_id=ids("<img>"), layers=2, mlp_ratio=2.0,
+                  output_dim=128, patch_size=14, width=64, n_queries=256)
+    visual.update(overrides.pop("visual", None) or {})
+    cfg = dict(
+        architectures=["RedVillmForConditionalGeneration"],
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64,
+        intermediate_size=512, layer_norm_epsilon=1e-6, rotary_emb_base=10000.0, seq_length=4096,
+        max_position_embeddings=8192, use_dynamic_ntk=True, use_logn_attn=True, no_bias=True,
+        tie_word_embeddings=False, visual=visual,
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        dtype="float32",
+    )
+    cfg.update(overrides)
+    return RedVillmConfig(**cfg)
+
+
+def write_red_villm(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
+    """A tiny random RED-VILLM checkpoint in Qwen-VL's layout (``transformer.*``, ``lm_head.*``) plus
+    ``transformer.visual.temporal_module.*`` (and ``spatial_module.*`` for ``spatial_path=tokenwise``).
+    Every RED-VILLM config key can be overridden; the adapter's ``pos_embed`` keeps its sin-cos table."""
+    from model_plugins.reference.red_villm import RedVillmReference, sincos_2d
+
+    tokenizer = build_qwen_vl_tokenizer()
+    config = red_villm_config(tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = RedVillmReference(config)
+    init_random_(model, seed)
+    pool = model.transformer.visual.attn_pool
+    with torch.no_grad():
+        pool.pos_embed.copy_(sincos_2d(pool.pos_embed.shape[1], math.isqrt(pool.pos_embed.shape[0])))
+    ids = tokenizer.convert_tokens_to_ids
+    generation = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
+                  "pad_token_id": ids("<|endoftext|>")}
+    return save_checkpoint(out_dir, config, tokenizer, model, None, {"generation_config.json": generation})
+
+
+WRITERS = {"tc-llava": write_tc_llava, "video-ccam": write_video_ccam, "stave": write_stave,
+           "red-villm": write_red_villm}
 
 
 def write_demo_checkpoint(arch: str, out_dir: str, **overrides) -> str:
