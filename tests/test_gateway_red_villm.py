@@ -1,4 +1,5 @@
-"""``framewise serve`` on the RED-VILLM demo checkpoint through the openai SDK (one server per module).
+"""``framewise serve`` on the RED-VILLM demo checkpoint through the openai SDK, and its job consumer on
+Redis (one server per module).
 
 RED-VILLM's gateway defaults come from its config: frames per video ``num_frames`` (100) capped at
 ``max_frames`` (100), and Qwen-VL's tags as the media placeholders its chat template must leave
@@ -9,6 +10,7 @@ RED-VILLM's gateway defaults come from its config: frames per video ``num_frames
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -45,12 +47,20 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(red_villm_dir, media, tmp_path_factory):
+    """``serve --consume`` on a private Redis: the job consumer ``framewise worker`` runs, in the
+    gateway's process (one engine for the module)."""
     from tests.gateway_support import Gateway
+    from tests.redis_support import RedisServer
 
-    gw = Gateway(red_villm_dir, tmp_path_factory.mktemp("rv-gw-run"), api_key=API_KEY,
-                 allowed_hosts=f"127.0.0.1:{media.port}", args=("--served-model-name", "red-villm"), pin=True)
-    yield gw
-    gw.close()
+    work = tmp_path_factory.mktemp("rv-gw-run")
+    rs = RedisServer(work)
+    try:
+        gw = Gateway(red_villm_dir, work, api_key=API_KEY, allowed_hosts=f"127.0.0.1:{media.port}",
+                     args=("--served-model-name", "red-villm", "--redis-url", rs.url, "--consume"), pin=True)
+        yield gw
+        gw.close()
+    finally:
+        rs.kill()
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +173,23 @@ def test_image_and_two_videos(client, media, text_tokens):
             {"type": "text", "text": QUESTION}]}])
     assert [m["frames"] for m in both.model_extra["framewise"]["media"]] == [8, 16]
     assert both.usage.prompt_tokens == text_tokens("video", "video") + 2 * (356 - 1)
+
+
+def test_long_video_job_on_redis(gateway, client, media):
+    """``POST /v1/jobs`` (Redis stream, consumed by the job worker): the 240-frame clip at the config's
+    100 frames; the stored result equals the same request answered at once."""
+    body = {"model": "red-villm", "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": media.url("long.mp4")}}, {"type": "text", "text": QUESTION}]}]}
+    r = httpx.post(f"{gateway.base_url}/v1/jobs", json=body, headers=gateway.headers, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.time() + 240
+    while (job := httpx.get(f"{gateway.base_url}/v1/jobs/{job_id}", headers=gateway.headers,
+                            timeout=10).json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, f"job still {job['status']}"
+        time.sleep(0.5)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert job["result"]["framewise"]["media"][0]["frames"] == 100
+    sync = client.chat.completions.create(**body)
+    assert job["result"]["choices"][0]["message"]["content"] == sync.choices[0].message.content
+    assert job["result"]["usage"]["prompt_tokens"] == sync.usage.prompt_tokens
