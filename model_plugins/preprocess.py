@@ -283,12 +283,10 @@ def qwen2vl_preprocess(frames: torch.Tensor, cfg: Qwen2VLPixelConfig) -> tuple[t
 # ----------------------------------------------------------------------------------------
 
 
-def qwen_vl_preprocess(frames: object, image_size: int) -> torch.Tensor:
-    """Qwen-VL's image transform on every frame: PIL bicubic resize to ``(S, S)`` (aspect not
-    kept, no crop), ``/255``, CLIP mean/std.
-
-    ``frames``: ``uint8`` ``(T, H, W, 3)`` (numpy or torch), one ``(H, W, 3)`` frame, or a list
-    of PIL images / frames -> ``(T, 3, S, S) float32``."""
+def qwen_vl_resize(frames: object, image_size: int) -> torch.Tensor:
+    """The resize half of Qwen-VL's image transform: PIL bicubic to ``(S, S)`` (aspect not kept,
+    no crop) on ``uint8``. ``frames`` as :func:`qwen_vl_preprocess` takes them -> ``(T, 3, S, S) uint8``
+    (4x smaller than the normalised floats: what the vLLM processor hands the engine)."""
     if isinstance(frames, (list, tuple)) and frames and all(hasattr(f, "convert") for f in frames):
         frames = [np.asarray(f.convert("RGB")) for f in frames]
     if isinstance(frames, np.ndarray) and frames.ndim == 3:
@@ -300,7 +298,21 @@ def qwen_vl_preprocess(frames: object, image_size: int) -> torch.Tensor:
         from PIL import Image
 
         arr = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BICUBIC)) for f in arr])
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """The other half: 0..255 values (any dtype) -> ``/255``, CLIP mean/std, ``float32``."""
+    x = pixels.float() / 255.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def qwen_vl_preprocess(frames: object, image_size: int) -> torch.Tensor:
+    """Qwen-VL's image transform on every frame: PIL bicubic resize to ``(S, S)`` (aspect not
+    kept, no crop), ``/255``, CLIP mean/std.
+
+    ``frames``: ``uint8`` ``(T, H, W, 3)`` (numpy or torch), one ``(H, W, 3)`` frame, or a list
+    of PIL images / frames -> ``(T, 3, S, S) float32``."""
+    return clip_normalize(qwen_vl_resize(frames, image_size))

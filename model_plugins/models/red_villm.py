@@ -1,8 +1,9 @@
 """RED-VILLM (arXiv 2404.11865) for vLLM: Qwen-VL turned into a video LLM by two poolings
 (DESIGN 3.4; every open reading of the paper is a ``RedVillmConfig`` value).
 
-- Processor: decoded ``uint8`` frames -> Qwen-VL pixels (448 px bicubic, no crop, CLIP
-  mean/std; ``preprocess.qwen_vl_preprocess``). An image part ``<img></img>`` expands to
+- Processor: decoded ``uint8`` frames -> Qwen-VL's 448 px bicubic resize (no crop), still ``uint8``
+  (``preprocess.qwen_vl_resize``: a 100-frame video crosses to the engine as 60 MB, not 240 MB of
+  floats); the CLIP mean/std normalisation runs in the model (``preprocess.clip_normalize``). An image part ``<img></img>`` expands to
   ``<img>`` + 256 ``<imgpad>`` + ``</img>``, a video part ``<img><imgpad></img>`` to ``<img>`` +
   ``video_tokens(T)`` ``<imgpad>`` + ``</img>``; embeddings go on the ``<imgpad>`` positions only.
 - Vision (Qwen-VL's ``transformer.visual``, written here in vLLM style): the ViT trunk runs on
@@ -38,7 +39,7 @@ from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import RedVillmConfig
 from model_plugins.models.frames import FramesMultiModalProcessor, FramesProcessingInfo, pixels_per_item
-from model_plugins.preprocess import InvalidMediaError, as_frames, qwen_vl_preprocess
+from model_plugins.preprocess import InvalidMediaError, as_frames, clip_normalize, qwen_vl_resize
 from model_plugins.qwen1 import is_visual, qwen1_to_qwen2
 
 VISUAL_PREFIX = "transformer.visual."
@@ -92,7 +93,8 @@ class RedVillmDummyInputsBuilder(BaseDummyInputsBuilder[RedVillmProcessingInfo])
 
 
 class RedVillmMultiModalProcessor(FramesMultiModalProcessor):
-    """Frames validated and preprocessed here (Qwen-VL's transform); token ids are expanded by vLLM."""
+    """Frames validated and resized here (Qwen-VL's transform, normalised in the model); token ids are
+    expanded by vLLM."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         cfg = self.info.get_hf_config()
@@ -105,7 +107,7 @@ class RedVillmMultiModalProcessor(FramesMultiModalProcessor):
                 frames = as_frames(image, what="image")
                 if frames.shape[0] != 1:
                     raise InvalidMediaError(f"image {i} must be one (H, W, 3) frame, got {frames.shape[0]} frames")
-                pixels.append(qwen_vl_preprocess(frames.numpy(), size))
+                pixels.append(qwen_vl_resize(frames.numpy(), size))
             out["pixel_values"] = torch.cat(pixels)
         videos = hf_data.get("videos") or []
         if videos:
@@ -115,7 +117,7 @@ class RedVillmMultiModalProcessor(FramesMultiModalProcessor):
                 if frames.shape[0] > max_frames:
                     raise InvalidMediaError(f"video {i} has {frames.shape[0]} frames; this model takes at most "
                                             f"{max_frames} (max_frames in config.json)")
-                pixels.append(qwen_vl_preprocess(frames.numpy(), size))
+                pixels.append(qwen_vl_resize(frames.numpy(), size))
                 counts.append(frames.shape[0])
             out["pixel_values_videos"] = torch.cat(pixels)
             out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
@@ -307,7 +309,8 @@ class RedVillmVisual(nn.Module):
 
     def trunk(self, pixels: torch.Tensor, num_blocks: int) -> torch.Tensor:
         """``(B, 3, S, S)`` -> patch features ``(B, N, W)`` after the first ``num_blocks`` blocks."""
-        x = self.conv1(pixels.to(device=self.proj.device, dtype=self.dtype)).flatten(2).transpose(1, 2)
+        pixels = clip_normalize(pixels.to(device=self.proj.device))  # the processor sends resized 0..255 values
+        x = self.conv1(pixels.to(dtype=self.dtype)).flatten(2).transpose(1, 2)
         x = self.ln_pre(x + abs_pos(self.positional_embedding, x.shape[1]))
         for block in self.transformer.resblocks[:num_blocks]:
             x = block(x)
