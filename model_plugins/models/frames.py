@@ -71,9 +71,12 @@ class FramesDummyInputsBuilder(BaseDummyInputsBuilder):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
 
+    def dummy_image_size(self) -> int:
+        return self.info.get_hf_config().vision_config.image_size
+
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         cfg = self.info.get_hf_config()
-        size, options = cfg.vision_config.image_size, mm_options or {}
+        size, options = self.dummy_image_size(), mm_options or {}
         return {
             "image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
                                             overrides=options.get("image")),

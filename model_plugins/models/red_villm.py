@@ -34,11 +34,15 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings, Supports
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
-from vllm.multimodal.processing.dummy_inputs import BaseDummyInputsBuilder
 from vllm.sequence import IntermediateTensors
 
 from model_plugins.configs import RedVillmConfig
-from model_plugins.models.frames import FramesMultiModalProcessor, FramesProcessingInfo, pixels_per_item
+from model_plugins.models.frames import (
+    FramesDummyInputsBuilder,
+    FramesMultiModalProcessor,
+    FramesProcessingInfo,
+    pixels_per_item,
+)
 from model_plugins.preprocess import InvalidMediaError, as_frames, clip_normalize, qwen_vl_resize
 from model_plugins.qwen1 import is_visual, qwen1_to_qwen2
 
@@ -74,22 +78,15 @@ class RedVillmProcessingInfo(FramesProcessingInfo):
         return "".join(self.get_tokenizer().convert_ids_to_tokens(ids))
 
 
-class RedVillmDummyInputsBuilder(BaseDummyInputsBuilder[RedVillmProcessingInfo]):
-    """Profiling inputs: square images and videos of ``max_frames`` frames."""
+class RedVillmDummyInputsBuilder(FramesDummyInputsBuilder):
+    """Profiling inputs: square images and videos of ``max_frames`` frames, Qwen-VL's tags."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return (self.info.tag_tokens("image") * mm_counts.get("image", 0)
                 + self.info.tag_tokens("video") * mm_counts.get("video", 0))
 
-    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
-        cfg = self.info.get_hf_config()
-        size, options = cfg.visual["image_size"], mm_options or {}
-        return {
-            "image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
-                                            overrides=options.get("image")),
-            "video": self._get_dummy_videos(width=size, height=size, num_frames=cfg.max_frames,
-                                            num_videos=mm_counts.get("video", 0), overrides=options.get("video")),
-        }
+    def dummy_image_size(self) -> int:
+        return int(self.info.get_hf_config().visual["image_size"])
 
 
 class RedVillmMultiModalProcessor(FramesMultiModalProcessor):
