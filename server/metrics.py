@@ -20,6 +20,8 @@ class Metrics:
         self.completion_tokens = Counter("framewise_completion_tokens", "Generated tokens", registry=r)
         self.fetch_bytes = Counter("framewise_fetch_bytes", "Media bytes fetched", registry=r)
         self.fetch_seconds = Histogram("framewise_fetch_seconds", "Media fetch time", buckets=LATENCY, registry=r)
+        self.fetch_not_modified = Counter("framewise_fetch_not_modified",
+                                          "Media URLs revalidated (HTTP 304) instead of downloaded again", registry=r)
         self.decode_seconds = Histogram("framewise_decode_seconds", "Video decode+sample time", buckets=LATENCY,
                                         registry=r)
         self.frames_sampled = Counter("framewise_frames_sampled", "Video frames given to the model", registry=r)

@@ -11,6 +11,7 @@ from server.errors import APIError
 from server.schemas import ChatCompletionRequest, ImagePart, TextPart, VideoPart
 from server.video.decode import MediaError
 from server.video.sampling import FrameSampling
+from server.video.service import FramesEvicted
 
 MB = 1 << 20
 # the placeholder each media part must leave in the rendered prompt (the model plugins' get_placeholder_str);
@@ -39,23 +40,40 @@ def _fps(v, defaults) -> float | None:
     return getattr(defaults, "fps", None)
 
 
-async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, dict]:
-    s, v = services.settings, part.video_url
-    defaults = services.engine.defaults
-    media = await services.media.resolve(v.url, int(s.max_video_mb * MB))
+async def _sample(services, v, media, params: FrameSampling, shape: dict, route_long: bool):
+    s = services.settings
     try:
         if route_long and s.queue_above_mb is not None and media.size > s.queue_above_mb * MB:
             raise LongVideo(v.url)
-        res = await services.video.sample(
-            media.path, media.sha256, FrameSampling(v.num_frames, _fps(v, defaults), v.start, v.end),
-            default_frames=defaults.num_frames, max_frames=defaults.max_frames, shortest_edge=defaults.shortest_edge,
-            queue_above_s=s.queue_above_s if route_long else None)
+        return await services.video.sample(media.path, media.sha256, params, **shape,
+                                           queue_above_s=s.queue_above_s if route_long else None)
     finally:
         media.release()
+
+
+async def _video(services, part: VideoPart, route_long: bool) -> tuple[object, dict]:
+    s, v = services.settings, part.video_url
+    defaults = services.engine.defaults
+    params = FrameSampling(v.num_frames, _fps(v, defaults), v.start, v.end)
+    shape = {"default_frames": defaults.num_frames, "max_frames": defaults.max_frames,
+             "shortest_edge": defaults.shortest_edge}
+    max_bytes = int(s.max_video_mb * MB)
+    # a URL asked about before: a conditional GET, and no download when its frames are cached
+    media = await services.media.revalidate(v.url, max_bytes, lambda sha: services.video.cached(sha, params, **shape))
+    if media is not None:
+        try:
+            res = await _sample(services, v, media, params, shape, route_long)
+        except FramesEvicted:  # evicted between the revalidation and now: download after all
+            media = None
+    if media is None:
+        media = await services.media.resolve(v.url, max_bytes)
+        res = await _sample(services, v, media, params, shape, route_long)
     if res is None:
         raise LongVideo(v.url)
     m = services.metrics
-    m.fetch_bytes.inc(media.size)
+    m.fetch_bytes.inc(media.downloaded_bytes)
+    if media.path is None:
+        m.fetch_not_modified.inc()
     m.fetch_seconds.observe(media.fetch_seconds)
     if res.cache_hit:
         m.frame_cache_hits.inc()

@@ -11,6 +11,10 @@
 - ``allowed_hosts`` (hosts, ``host:port`` or CIDRs) is the only way to reach a
   refused address, e.g. a test server on 127.0.0.1.
 - The body streams to disk with a byte cap and a total timeout.
+- A URL fetched before is revalidated, not downloaded again, when its response carried a
+  strong validator (a strong ``ETag``, or a ``Last-Modified`` at least one second before its
+  ``Date``, RFC 9110 8.8) and no ``Cache-Control: no-store``: the conditional GET's ``304`` means
+  the same bytes, so the content hash (and the frames cached under it) still hold.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import os
 import socket
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -38,6 +44,42 @@ class Fetched:
     size: int
     seconds: float
     content_type: str | None
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What a URL's last full response said about its bytes: enough for a conditional GET."""
+
+    sha256: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+
+    def headers(self) -> dict[str, str]:
+        if self.etag:
+            return {"If-None-Match": self.etag}
+        return {"If-Modified-Since": self.last_modified or ""}
+
+
+def strong_validators(headers, sha256: str, size: int) -> Validators | None:
+    """The response's strong validators (RFC 9110 8.8.1-8.8.3), or None: a weak ``ETag`` and a
+    ``Last-Modified`` less than a second before ``Date`` could stand for different bytes."""
+    if "no-store" in headers.get("Cache-Control", "").lower():
+        return None
+    etag = headers.get("ETag")
+    if etag and (etag.startswith("W/") or not etag.startswith('"')):
+        etag = None
+    last_modified = headers.get("Last-Modified")
+    if last_modified:
+        try:
+            lm, date = parsedate_to_datetime(last_modified), parsedate_to_datetime(headers.get("Date", ""))
+            if (date - lm).total_seconds() < 1:
+                last_modified = None
+        except (TypeError, ValueError):
+            last_modified = None
+    if not etag and not last_modified:
+        return None
+    return Validators(sha256, size, etag, last_modified)
 
 
 def _nets(*cidrs: str) -> tuple:
@@ -158,7 +200,10 @@ def _refused(url: str, why: str) -> APIError:
 
 
 class MediaFetcher:
+    MAX_VALIDATORS = 4096  # URLs whose validators are kept (LRU)
+
     def __init__(self, allowed_hosts: list[str], *, timeout_s: float, max_redirects: int, spool_dir: str):
+        self._validators: OrderedDict[str, Validators] = OrderedDict()
         self.policy = AddressPolicy(allowed_hosts)
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
@@ -192,16 +237,31 @@ class MediaFetcher:
         if not self.policy.address_allowed(parts.hostname, parts.hostname, port):
             raise _refused(url, "the address is not allowed")
 
-    async def fetch(self, url: str, max_bytes: int) -> Fetched:
+    def validators(self, url: str) -> Validators | None:
+        """What the last full fetch of ``url`` can be revalidated with, if anything."""
+        return self._validators.get(url)
+
+    def _remember(self, url: str, validators: Validators | None) -> None:
+        self._validators.pop(url, None)
+        if validators is not None:
+            self._validators[url] = validators
+            while len(self._validators) > self.MAX_VALIDATORS:
+                self._validators.popitem(last=False)
+
+    async def fetch(self, url: str, max_bytes: int, *, unless: Validators | None = None) -> Fetched | None:
+        """Download ``url`` to a spool file. With ``unless``, a conditional GET: ``None`` when the
+        server answers 304 (the bytes ``unless`` describes are still current)."""
         assert self._session is not None
         start = time.perf_counter()
         deadline = start + self.timeout_s
+        first_url = url
+        conditional = unless.headers() if unless is not None else {}
         try:
             async with asyncio.timeout(self.timeout_s):
                 for _ in range(self.max_redirects + 1):
                     self._check_url(url)
                     try:
-                        resp = await self._session.get(url, allow_redirects=False)
+                        resp = await self._session.get(url, allow_redirects=False, headers=conditional)
                     except RefusedAddress as e:
                         raise _refused(url, str(e)) from None
                     except aiohttp.ClientConnectorError as e:
@@ -213,12 +273,18 @@ class MediaFetcher:
                         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                             url = urljoin(url, resp.headers["Location"])
                             continue
+                        if resp.status == 304 and unless is not None:
+                            if first_url in self._validators:
+                                self._validators.move_to_end(first_url)
+                            return None
                         if resp.status != 200:
                             raise APIError(400, "fetch_failed", f"{url} answered HTTP {resp.status}", "messages")
                         if resp.content_length is not None and resp.content_length > max_bytes:
                             raise APIError(413, "media_too_large", f"{url} is {resp.content_length} bytes; the "
                                            f"limit is {max_bytes}", "messages")
-                        return await self._spool(resp, url, max_bytes, start)
+                        got = await self._spool(resp, url, max_bytes, start)
+                        self._remember(first_url, strong_validators(resp.headers, got.sha256, got.size))
+                        return got
                 raise _refused(url, f"more than {self.max_redirects} redirects")
         except TimeoutError:
             raise APIError(504, "fetch_timeout", f"fetching the media took longer than {self.timeout_s:.0f}s",

@@ -1,4 +1,5 @@
-"""Resolve a media URL (http(s), data:, file-<id>, file://) to a local file with its hash."""
+"""Resolve a media URL (http(s), data:, file-<id>, file://) to a local file with its hash, or, for an
+http(s) URL fetched before whose frames are still cached, to its hash alone after a conditional GET."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +22,18 @@ from server.media.files import FileStore
 
 @dataclass
 class LocalMedia:
-    path: str
+    path: str | None  # None: revalidated (HTTP 304), not downloaded: only the hash is known
     sha256: str
     size: int
     fetch_seconds: float
     temporary: bool  # delete after use
 
+    @property
+    def downloaded_bytes(self) -> int:
+        return 0 if self.path is None else self.size
+
     def release(self) -> None:
-        if self.temporary:
+        if self.temporary and self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 
@@ -48,6 +54,22 @@ class MediaResolver:
     def __init__(self, fetcher: MediaFetcher, files: FileStore, spool_dir: str, allowed_local_path: str | None):
         self.fetcher, self.files, self.spool_dir = fetcher, files, spool_dir
         self.allowed_local = Path(allowed_local_path).resolve() if allowed_local_path else None
+
+    async def revalidate(self, url: str, max_bytes: int, still_needed: Callable[[str], bool]) -> LocalMedia | None:
+        """For an http(s) URL fetched before with strong validators, whose content hash
+        ``still_needed`` accepts (its frames are cached): a conditional GET. 304: the hash alone
+        (``path`` None). 200: the new bytes, downloaded as :meth:`resolve` does. ``None``: nothing
+        to revalidate (call :meth:`resolve`)."""
+        if not url.startswith(("http://", "https://")):
+            return None
+        known = self.fetcher.validators(url)
+        if known is None or known.size > max_bytes or not still_needed(known.sha256):
+            return None
+        start = time.perf_counter()
+        got = await self.fetcher.fetch(url, max_bytes, unless=known)
+        if got is None:
+            return LocalMedia(None, known.sha256, known.size, time.perf_counter() - start, False)
+        return LocalMedia(got.path, got.sha256, got.size, got.seconds, True)
 
     async def resolve(self, url: str, max_bytes: int) -> LocalMedia:
         start = time.perf_counter()

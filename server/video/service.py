@@ -51,20 +51,31 @@ class VideoResult:
     cache_hit: bool
 
 
+class FramesEvicted(Exception):
+    """The cached frames a revalidated (not downloaded) video relied on were evicted meanwhile."""
+
+
 class VideoService:
     def __init__(self, pool: DecodePool, cache: FrameCache, limits: DecodeLimits, decode_timeout_s: float):
         self.pool, self.cache, self.limits, self.timeout = pool, cache, limits, decode_timeout_s
 
-    async def sample(self, path: str, sha256: str, params: FrameSampling, *, default_frames: int,
+    def cached(self, sha256: str, params: FrameSampling, *, default_frames: int, max_frames: int,
+               shortest_edge: int | None) -> bool:
+        return self.cache.get((sha256, params.cache_key(), default_frames, max_frames, shortest_edge)) is not None
+
+    async def sample(self, path: str | None, sha256: str, params: FrameSampling, *, default_frames: int,
                      max_frames: int, shortest_edge: int | None,
                      queue_above_s: float | None = None) -> VideoResult | None:
         """The sampled frames, from the cache or the decode pool. ``None``: the video lasts longer
-        than ``queue_above_s`` (read off its header in the same decode call) and was not decoded."""
+        than ``queue_above_s`` (read off its header in the same decode call) and was not decoded.
+        ``path`` None (a revalidated URL, no bytes at hand) and no cached frames: :class:`FramesEvicted`."""
         key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
         if (hit := self.cache.get(key)) is not None:
             if queue_above_s is not None and hit.info.duration > queue_above_s:
                 return None
             return VideoResult(hit, 0.0, True)
+        if path is None:
+            raise FramesEvicted(sha256)
         start = time.perf_counter()
         video = await self.pool.run(sample_video, path, params, default_frames=default_frames, max_frames=max_frames,
                                     shortest_edge=shortest_edge, limits=self.limits, queue_above_s=queue_above_s,
