@@ -263,6 +263,26 @@ def video_ccam_v10_to_v12(v10: str | os.PathLike, base_llm: str | os.PathLike, v
 STAVE_TEMPORAL_FILE = "model-stave-temporal.safetensors"
 
 
+def _add_shard(out: Path, tensors: dict, weight_map: dict, *, single_file: bool, name: str) -> tuple[dict, dict]:
+    """Write ``tensors`` as one more safetensors shard of ``out``; a single-file source's
+    ``model.safetensors`` is to be renamed to a shard name so that the index is what loaders read.
+    Returns the new weight map and the renames (source name -> name in ``out``)."""
+    from safetensors.torch import save_file
+
+    renamed = {}
+    if single_file:
+        renamed["model.safetensors"] = "model-00001-of-00002.safetensors"
+        name = "model-00002-of-00002.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / name, metadata={"format": "pt"})
+    return {k: renamed.get(v, v) for k, v in weight_map.items()} | dict.fromkeys(tensors, name), renamed
+
+
+def _write_index(out: Path, weight_map: dict) -> None:
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
 def _stave_temporal_init(vision: dict, heads_scale: float, dtype, seed: int) -> dict:
     """Temporal weights that leave the model unchanged: ``norm3`` an identity LayerNorm
     (weight 1, bias 0), ``qkv`` N(0, initializer_range²) with zero bias (transformers'
@@ -294,7 +314,6 @@ def qwen2vl_to_stave(src: str | os.PathLike, out: str | os.PathLike, *, layout: 
     chat template, preprocessor and generation configs are copied.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from model_plugins.configs.stave import TEMPORAL_OUTPUT_LAYOUTS
 
@@ -333,20 +352,13 @@ def qwen2vl_to_stave(src: str | os.PathLike, out: str | os.PathLike, *, layout: 
         with safe_open(src / weight_map[norm1], "pt") as f:
             dtype = f.get_tensor(norm1).dtype
         tensors = {prefix + k: v for k, v in _stave_temporal_init(vision, heads_scale, dtype, seed).items()}
-        if files == ["model.safetensors"]:  # one file: give it a shard name so the index is what loaders read
-            renamed["model.safetensors"] = "model-00001-of-00002.safetensors"
-            new_file = "model-00002-of-00002.safetensors"
-        else:
-            new_file = STAVE_TEMPORAL_FILE
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / new_file, metadata={"format": "pt"})
-        weight_map = {k: renamed.get(v, v) for k, v in weight_map.items()} | dict.fromkeys(tensors, new_file)
+        weight_map, renamed = _add_shard(out, tensors, weight_map, single_file=files == ["model.safetensors"],
+                                         name=STAVE_TEMPORAL_FILE)
     for name in files:
         target = out / renamed.get(name, name)
         if not target.exists():
             _link(src / name, target)
-    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    _write_index(out, weight_map)
 
     cfg.update(model_type="stave_qwen2_vl", architectures=["StaveQwen2VLForConditionalGeneration"],
                temporal_heads_scale=heads_scale, temporal_output_layout=layout,
@@ -518,7 +530,6 @@ def qwen_vl_to_red_villm(
     source config's value, which wins over RED-VILLM's default.
     """
     import torch
-    from safetensors.torch import save_file
 
     from model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
     from model_plugins.configs.red_villm import RedVillmConfig
@@ -595,13 +606,8 @@ def qwen_vl_to_red_villm(
         g = torch.Generator().manual_seed(seed)
         tensors = {f"transformer.visual.{m}.{k}": v for m in new_modules for k, v in red_villm_module_init(
             config.temporal_module, vis["width"], vis["output_dim"], g, dtype).items()}
-        if sorted(set(weight_map.values())) == ["model.safetensors"]:  # one file: a shard name, so the index is read
-            renamed["model.safetensors"] = "model-00001-of-00002.safetensors"
-            new_file = "model-00002-of-00002.safetensors"
-        else:
-            new_file = RED_VILLM_MODULE_FILE
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / new_file, metadata={"format": "pt"})
-        weight_map = {k: renamed.get(v, v) for k, v in weight_map.items()} | dict.fromkeys(tensors, new_file)
+        weight_map, renamed = _add_shard(out, tensors, weight_map, name=RED_VILLM_MODULE_FILE,
+                                         single_file=sorted(set(weight_map.values())) == ["model.safetensors"])
     if kind == "safetensors":
         for name in files:
             target = out / renamed.get(name, name)
@@ -610,9 +616,7 @@ def qwen_vl_to_red_villm(
     else:
         for old, new in renamed.items():
             os.replace(out / old, out / new)
-    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    _write_index(out, weight_map)
 
     # config: transformers' rendering, plus every Qwen-VL key it does not write back (use_cache, torch_dtype)
     config.save_pretrained(out)

@@ -7,22 +7,30 @@ processor validates and preprocesses them into ``pixel_values`` (images, one row
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
-from model_plugins.preprocess import ImageProcessorConfig, InvalidMediaError, as_frames, clip_preprocess
+from model_plugins.preprocess import InvalidMediaError, as_frames, clip_preprocess
 
 
-def frames_to_pixels(hf_data: Mapping[str, object], ipc: ImageProcessorConfig, max_frames: int) -> BatchFeature:
-    """Validate every image/video and preprocess it; raises InvalidMediaError before the engine."""
+def frames_to_pixels(hf_data: Mapping[str, object], preprocess: Callable[[torch.Tensor], torch.Tensor],
+                     max_frames: int) -> BatchFeature:
+    """Validate every image/video (an image is one frame; a video at most ``max_frames``) and
+    ``preprocess`` its ``uint8`` frames ``(T, H, W, 3)``; raises InvalidMediaError before the engine."""
     out: dict[str, torch.Tensor] = {}
     images = hf_data.get("images") or []
     if images:
-        out["pixel_values"] = torch.cat([clip_preprocess(as_frames(im, what="image"), ipc) for im in images])
+        pixels = []
+        for i, image in enumerate(images):
+            frames = as_frames(image, what="image")
+            if frames.shape[0] != 1:
+                raise InvalidMediaError(f"image {i} must be one (H, W, 3) frame, got {frames.shape[0]} frames")
+            pixels.append(preprocess(frames))
+        out["pixel_values"] = torch.cat(pixels)
     videos = hf_data.get("videos") or []
     if videos:
         pixels, counts = [], []
@@ -31,7 +39,7 @@ def frames_to_pixels(hf_data: Mapping[str, object], ipc: ImageProcessorConfig, m
             if frames.shape[0] > max_frames:
                 raise InvalidMediaError(f"video {i} has {frames.shape[0]} frames; this model takes at most "
                                         f"{max_frames} (max_frames in config.json)")
-            pixels.append(clip_preprocess(frames, ipc))
+            pixels.append(preprocess(frames))
             counts.append(frames.shape[0])
         out["pixel_values_videos"] = torch.cat(pixels)
         out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
@@ -90,7 +98,9 @@ class FramesMultiModalProcessor(BaseMultiModalProcessor):
     provides ``get_image_processor_config()``; subclasses add ``_get_prompt_updates``."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        return frames_to_pixels(hf_data, self.info.get_image_processor_config(), self.info.get_hf_config().max_frames)
+        ipc = self.info.get_image_processor_config()
+        return frames_to_pixels(hf_data, lambda frames: clip_preprocess(frames, ipc),
+                                self.info.get_hf_config().max_frames)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
         num_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))

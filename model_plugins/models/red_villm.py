@@ -41,9 +41,10 @@ from model_plugins.models.frames import (
     FramesDummyInputsBuilder,
     FramesMultiModalProcessor,
     FramesProcessingInfo,
+    frames_to_pixels,
     pixels_per_item,
 )
-from model_plugins.preprocess import InvalidMediaError, as_frames, clip_normalize, qwen_vl_resize
+from model_plugins.preprocess import clip_normalize, qwen_vl_resize
 from model_plugins.qwen1 import is_visual, qwen1_to_qwen2
 
 VISUAL_PREFIX = "transformer.visual."
@@ -95,30 +96,8 @@ class RedVillmMultiModalProcessor(FramesMultiModalProcessor):
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         cfg = self.info.get_hf_config()
-        size, max_frames = cfg.visual["image_size"], cfg.max_frames
-        out: dict[str, torch.Tensor] = {}
-        images = hf_data.get("images") or []
-        if images:
-            pixels = []
-            for i, image in enumerate(images):
-                frames = as_frames(image, what="image")
-                if frames.shape[0] != 1:
-                    raise InvalidMediaError(f"image {i} must be one (H, W, 3) frame, got {frames.shape[0]} frames")
-                pixels.append(qwen_vl_resize(frames.numpy(), size))
-            out["pixel_values"] = torch.cat(pixels)
-        videos = hf_data.get("videos") or []
-        if videos:
-            pixels, counts = [], []
-            for i, video in enumerate(videos):
-                frames = as_frames(video, what=f"video {i}")
-                if frames.shape[0] > max_frames:
-                    raise InvalidMediaError(f"video {i} has {frames.shape[0]} frames; this model takes at most "
-                                            f"{max_frames} (max_frames in config.json)")
-                pixels.append(qwen_vl_resize(frames.numpy(), size))
-                counts.append(frames.shape[0])
-            out["pixel_values_videos"] = torch.cat(pixels)
-            out["video_num_frames"] = torch.tensor(counts, dtype=torch.long)
-        return BatchFeature(out)
+        size = cfg.visual["image_size"]
+        return frames_to_pixels(hf_data, lambda frames: qwen_vl_resize(frames, size), cfg.max_frames)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptUpdate]:
         cfg = self.info.get_hf_config()
