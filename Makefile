@@ -3,13 +3,14 @@
 #   make test    set up, then the whole test suite (Docker tests included; make test-fast leaves them out)
 #   make demo    the offline engine demo (one video, one answer, timings)
 #   make loadtest  locust against a gateway on 127.0.0.1 (HOST=http://127.0.0.1:PORT, else one on the demo model)
+#   make chaos     the mixed locust profile while faults hit Redis, a gateway and a worker; a ledger of every job
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_MODEL ?= .cache/models/tc-llava-demo
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo-model serve demo test test-fast test-docker lint loadtest
+.PHONY: setup demo-model serve demo test test-fast test-docker lint loadtest chaos
 setup:
 	@bash scripts/setup.sh
 
@@ -24,14 +25,15 @@ demo: demo-model
 	$(BIN)/framewise demo --model $(DEMO_MODEL)
 
 # everything, the Docker tests included (they install docker.io/docker-compose/debootstrap when missing and
-# run a private dockerd under a temp dir); `make test-fast` leaves them out, `make test-docker` runs only them
+# run a private dockerd under a temp dir); `make test-fast` is the inner loop: no vLLM engine, no Docker (a
+# conftest guard fails a test that starts either without its marker); `make test-docker` runs only Docker
 test: demo-model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: demo-model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not engine and not docker" $(PYTEST_ARGS)
 
 test-docker: demo-model
 	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
@@ -44,3 +46,10 @@ RUN_TIME ?= 60
 TAGS ?= mixed
 loadtest: demo-model
 	$(BIN)/python -m loadtests.run $(if $(filter http%,$(HOST)),--host $(HOST)) --users $(USERS) --run-time $(RUN_TIME) --tags $(TAGS) $(LOADTEST_ARGS)
+
+# a fault run under load (loadtests/chaos.py): its own Redis, gateway and worker on the demo checkpoint; the
+# gateway's engine core, Redis, the gateway and the worker are killed in turn and restarted; exit 1 unless
+# every accepted job ended exactly once. CHAOS_ARGS="--quick" is the form tests/test_chaos.py runs
+CHAOS_ARGS ?=
+chaos: demo-model
+	$(BIN)/python -m loadtests.chaos $(CHAOS_ARGS)

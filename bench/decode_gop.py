@@ -5,7 +5,7 @@
 One ``sample_video`` call per run, as a decode worker makes it (scaled to the demo model's 336 px edge,
 ``DecodeLimits()`` defaults), pinned to ``--cpus`` CPUs (1: as in ``bench/serve_e2e.py``, where the server
 has one core). Reports the median wall time, frames decoded and seeks. Every run checks the frames: their
-pixels code the source frame index (``server.video.synth``), which must be the frame on screen at each
+pixels code the source frame index (``framewise.server.video.synth``), which must be the frame on screen at each
 sampled instant. CPU seconds (all threads) are reported next to wall time: on a shared machine they
 move less with the load. ``--save-ref``/``--check-ref`` also compare the returned pixels byte for byte with an
 earlier run (another implementation of the decoder must return exactly the same frames).
@@ -27,10 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from framewise.server.video.decode import sample_video  # noqa: E402
+from framewise.server.video.sampling import FrameSampling  # noqa: E402
+from framewise.server.video.synth import CODE_BITS, read_index  # noqa: E402
 from loadtests import clips  # noqa: E402
-from server.video.decode import sample_video  # noqa: E402
-from server.video.sampling import FrameSampling  # noqa: E402
-from server.video.synth import CODE_BITS, read_index  # noqa: E402
 
 # clip, frames, source frames per coded pattern period (a concatenation repeats its base clip's indices)
 CASES = [("10min-textured-gop8s", 16, 1200), ("10min-textured-gop8s", 8, 1200),
@@ -52,8 +52,8 @@ def fetch_seconds(names: list[str], runs: int) -> dict[str, float]:
 
     import httpx
 
+    from framewise.server.media.fetch import MediaFetcher
     from loadtests import servers
-    from server.media.fetch import MediaFetcher
 
     port = servers.free_port()
     others = [c for c in sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))

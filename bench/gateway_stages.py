@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from loadtests import clips, servers  # noqa: E402
+from loadtests.servers import chat_body  # noqa: E402
 
 STAGES = ["http_in", "parse_validate", "route", "render", "media", "frames", "run_setup", "engine", "serialise",
           "asgi_send", "http_out"]
@@ -68,7 +69,7 @@ def record_basehttp(services):
     ``basehttp-record`` measures what that cost."""
     from starlette.middleware.base import BaseHTTPMiddleware
 
-    from server import logs
+    from framewise.server import logs
 
     class RecordBaseHTTP(BaseHTTPMiddleware):
         async def dispatch(self, request, call_next):
@@ -102,13 +103,13 @@ def serve(model: str, port: int, files_dir: str) -> None:
     import uvicorn
     from starlette.middleware import Middleware
 
-    from server.app import RecordMiddleware, create_app
-    from server.chat import media as media_mod
-    from server.chat import pipeline
-    from server.engine import Engine
-    from server.logs import configure_logging
-    from server.schemas import ChatCompletionRequest
-    from server.settings import Settings
+    from framewise.server.app import RecordMiddleware, create_app
+    from framewise.server.chat import media as media_mod
+    from framewise.server.chat import pipeline
+    from framewise.server.engine import Engine
+    from framewise.server.logs import configure_logging
+    from framewise.server.schemas import ChatCompletionRequest
+    from framewise.server.settings import Settings
 
     settings = Settings(model=model, served_model_name="tc-llava", port=port, files_dir=files_dir,
                         log_level="warning")
@@ -182,7 +183,6 @@ def serve(model: str, port: int, files_dir: str) -> None:
     async def direct() -> dict:
         """The in-process baseline on this engine: the cached frames, the same rendered prompt and
         SamplingParams, straight into ``generate``; no HTTP, no gateway code."""
-        from bench.serve_e2e import chat_body
 
         [video] = list(services.video.cache._items.values())
         body = ChatCompletionRequest.model_validate(chat_body("framewise", "x", 8, 1))
@@ -233,13 +233,12 @@ def inprocess(model: str, clip: str, loop: str, max_tokens: int = 1) -> None:
     """The baseline in a process of its own: the same frames, rendered prompt and SamplingParams straight into
     ``AsyncLLM`` (Framewise's ``Engine``, same engine arguments); one request per ``go`` line on stdin, its
     TTFT (and vLLM's input processing) as a JSON line on stdout. ``loop``: asyncio or uvloop (uvicorn's)."""
-    from bench.serve_e2e import chat_body
-    from server.chat.pipeline import sampling_params
-    from server.engine import Engine
-    from server.schemas import ChatCompletionRequest
-    from server.settings import Settings
-    from server.video.decode import sample_video
-    from server.video.sampling import FrameSampling
+    from framewise.server.chat.pipeline import sampling_params
+    from framewise.server.engine import Engine
+    from framewise.server.schemas import ChatCompletionRequest
+    from framewise.server.settings import Settings
+    from framewise.server.video.decode import sample_video
+    from framewise.server.video.sampling import FrameSampling
 
     now = time.perf_counter
     # stdout is the protocol: everything else written to it (vLLM logs there) goes to stderr, the log file
@@ -333,7 +332,6 @@ MODES = ("gateway", "basehttp-record", "direct", "inprocess-asyncio", "inprocess
 async def client_run(base: str, file_id: str, reps: int, warm: int, workers: dict[str, InProcess]
                      ) -> dict[str, list[dict]]:
     """``warm + reps`` rounds, each one request per mode (interleaved: the machine's load hits every mode alike)."""
-    from bench.serve_e2e import chat_body
 
     body = chat_body("framewise", file_id, 8, 1)
     modes = [m for m in MODES if not m.startswith("inprocess") or m in workers]

@@ -71,7 +71,7 @@ def cmd_engine(args) -> int:
         return 0
     from vllm import SamplingParams
 
-    from model_plugins.offline import create_llm
+    from framewise.model_plugins.offline import create_llm
 
     extra = {"max_model_len": args.max_model_len} if args.max_model_len else {}
     llm = create_llm(args.model, dtype=args.dtype, seed=0, enable_prefix_caching=False,
@@ -101,9 +101,9 @@ def cmd_reference(args) -> int:
 
     kind = _model_type(args.model)
     if kind == "tc_llava":
-        from model_plugins.reference.tc_llava import TCLlavaReference as Ref
+        from framewise.model_plugins.reference.tc_llava import TCLlavaReference as Ref
     elif kind == "video_ccam":
-        from model_plugins.reference.video_ccam import VideoCCAMReference as Ref
+        from framewise.model_plugins.reference.video_ccam import VideoCCAMReference as Ref
     else:
         raise SystemExit(f"no reference for model_type {kind!r}")
     req = prompt(args.model, args.frames)
@@ -149,7 +149,7 @@ def cmd_kernel_timing(args) -> int:
         raise SystemExit("kernel-timing needs CUDA")
     from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-    from model_plugins.layers.temporal import split_frame_blocks
+    from framewise.model_plugins.layers.temporal import split_frame_blocks
 
     dev, dt, bs = torch.device("cuda"), getattr(torch, args.dtype), 16
     print(f"{'frames':>6} {'tokens':>7} {'variant':>12} {'first call ms':>14} {'median ms':>10}")
@@ -192,9 +192,9 @@ def cmd_kernel_timing(args) -> int:
 def cmd_selftest(args) -> int:
     """Everything the GPU run imports and every subcommand's argument parsing, without a GPU."""
     import bench.triton_frame_blocks
-    import model_plugins.layers.gpu_frame_block_attention  # noqa: F401  (vLLM's TRITON_ATTN classes)
-    import model_plugins.reference.tc_llava  # noqa: F401
-    import model_plugins.reference.video_ccam  # noqa: F401
+    import framewise.model_plugins.layers.gpu_frame_block_attention  # noqa: F401  (vLLM's TRITON_ATTN classes)
+    import framewise.model_plugins.reference.tc_llava  # noqa: F401
+    import framewise.model_plugins.reference.video_ccam  # noqa: F401
 
     bench.triton_frame_blocks.build_parser().parse_args(["--model", "m", "--device", "cuda", "--check", "--tol", "1e-5"])
     parser = build_parser()

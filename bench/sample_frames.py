@@ -28,28 +28,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.video.sampling import uniform_indices  # noqa: E402
-from server.video.synth import CODE_BITS, read_index  # noqa: E402
+from framewise.server.video.sampling import uniform_indices  # noqa: E402
+from framewise.server.video.synth import CODE_BITS, read_index, textured_pattern  # noqa: E402
 
 CLIPS = {"60s": (60, False), "10min": (600, False), "10min-textured": (600, True)}  # seconds, textured
 FRAMES = (8, 32, 96)
 
 
-def textured_pattern(i: int, total: int, texture: np.ndarray) -> np.ndarray:
-    """The index-coded frame blended over a panning coarse-noise texture (~5 Mbit/s in x264)."""
-    from server.video.synth import frame_pattern
-
-    img = frame_pattern(i, total, 1280, 720)
-    tex = np.roll(texture, (i * 2, i * 3), (0, 1))[:720, :1280]
-    out = (tex.astype(np.uint16) * 3 // 4 + img // 4).astype(np.uint8)
-    out[: 720 // 6] = img[: 720 // 6]  # the index band stays readable
-    return out
-
-
 def make_clip(path: Path, seconds: int, textured: bool = False) -> None:
     import av
 
-    from server.video.synth import frame_pattern
+    from framewise.server.video.synth import frame_pattern
 
     total = seconds * 30
     texture = np.random.default_rng(0).integers(0, 256, (196, 336, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
@@ -67,8 +56,8 @@ def make_clip(path: Path, seconds: int, textured: bool = False) -> None:
 
 
 def framewise(path: str, n: int, edge: int | None = None):
-    from server.video.decode import sample_video
-    from server.video.sampling import FrameSampling
+    from framewise.server.video.decode import sample_video
+    from framewise.server.video.sampling import FrameSampling
 
     return sample_video(path, FrameSampling(num_frames=n), default_frames=n, max_frames=n, shortest_edge=edge).frames
 

@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from loadtests import clips, servers  # noqa: E402
+from loadtests.servers import chat_body  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DERIVED = "derived"  # copies and concatenations, under the clip directory (served as /derived/...)
-MODEL = "tc-llava"
 LOAD_CASES = {  # name: (clip, frames)
     "a": ("60s-h264", 8),
     "b-gop2s-8": ("10min-textured-gop2s", 8),
@@ -59,19 +59,6 @@ FRAMEWISE_ARGS = ("--max-video-mb", "4096", "--max-duration-s", "10000", "--queu
 
 
 # ---- the load generator ----------------------------------------------------------------------
-
-
-def chat_body(server: str, url: str, frames: int, max_tokens: int, question: str = "What happens in this video?",
-              stream: bool = True) -> dict:
-    video = {"url": url}
-    body = {"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": stream,
-            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": video},
-                                                      {"type": "text", "text": question}]}]}
-    if server == "framewise":
-        video["num_frames"] = frames
-    else:
-        body["media_io_kwargs"] = {"video": {"num_frames": frames}}
-    return body
 
 
 async def one_request(client: httpx.AsyncClient, base_url: str, body: dict) -> dict:

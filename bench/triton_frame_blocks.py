@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model_plugins.layers.temporal import VisualSpan, frame_block_causal_mask
+from framewise.model_plugins.layers.temporal import VisualSpan, frame_block_causal_mask
 
 BLOCK_SIZE = 16  # vLLM's default KV block size on CUDA (TRITON_ATTN takes multiples of 16)
 VARIANTS = ("frame_blocks", "whole_video", "causal")
@@ -169,8 +169,8 @@ def run_vllm(vllm_config, reqs: list[Request], inputs, variant: str, device: str
     from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl, TritonAttentionMetadataBuilder
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from model_plugins.layers.frame_block_ranges import tokens_per_frame
-    from model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockMetadataBuilder
+    from framewise.model_plugins.layers.frame_block_ranges import tokens_per_frame
+    from framewise.model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockMetadataBuilder
 
     m = tokens_per_frame(vllm_config)
     heads, kv_heads, head_dim = inputs[0]["q"].shape[1], inputs[0]["k"].shape[1], inputs[0]["q"].shape[2]
@@ -235,7 +235,7 @@ def run_vllm(vllm_config, reqs: list[Request], inputs, variant: str, device: str
 
 def run(model: str, device: str, seed: int = 0) -> dict:
     """Every variant on the same batch; a dict to ``torch.save`` (inputs, outputs, range tensors)."""
-    from model_plugins.layers.frame_block_ranges import tokens_per_frame
+    from framewise.model_plugins.layers.frame_block_ranges import tokens_per_frame
 
     cfg = vllm_config_for(model)
     mc = cfg.model_config

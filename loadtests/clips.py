@@ -3,9 +3,9 @@
     python -m loadtests.clips make [--set default] [--dir .cache/clips]
     python -m loadtests.clips serve [--set default] [--dir .cache/clips] [--port 0]
 
-Clips reuse the benchmark's frame makers: flat synthetic frames (``server.video.synth.frame_pattern``,
+Clips reuse the benchmark's frame makers: flat synthetic frames (``framewise.server.video.synth.frame_pattern``,
 each frame's index coded in its pixels, ~50 kbit/s at 720p, cheap to decode) and the textured
-panning variant (``bench.sample_frames.textured_pattern``, ~5 Mbit/s, the decode cost of real
+panning variant (``framewise.server.video.synth.textured_pattern``, ~5 Mbit/s, the decode cost of real
 footage). Keyframe interval (GOP) is a property of a clip: the encoder's default (x264: 250 frames)
 or a realistic 2 s / 8 s. 10 min clips are stream-copy concatenations of a 60 s / 40 s one (seconds to
 make instead of an hour of encoding on 2 cores; the decoder's work per frame is the same).
@@ -85,8 +85,7 @@ def encode(spec: ClipSpec, path: Path) -> Path:
     """Encode ``spec`` to ``path`` (written to a temporary name first: an interrupted run leaves no clip)."""
     import av
 
-    from bench.sample_frames import textured_pattern
-    from server.video.synth import frame_pattern
+    from framewise.server.video.synth import frame_pattern, textured_pattern
 
     if spec.textured and (spec.width, spec.height) != (1280, 720):
         raise ValueError("textured clips are 1280x720")
@@ -163,7 +162,7 @@ def ensure(names: list[str], directory: Path = DEFAULT_DIR, log=print) -> dict[s
     if not image.exists():
         from PIL import Image
 
-        from server.video.synth import frame_pattern
+        from framewise.server.video.synth import frame_pattern
 
         Image.fromarray(frame_pattern(7, 16, 320, 240)).save(image)
     return out

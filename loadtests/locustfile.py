@@ -14,19 +14,28 @@ Scenarios, picked with ``--tags`` (no tags: every user class):
   job        long-video job: ``POST /v1/jobs``, follow ``/events`` to ``done``; ``job_queue_wait`` and
              ``job_duration`` entries
   mixed      all of the above in one user with weights (stream 4, nonstream 2, repeat 2, upload 1, image 1, job 1)
-Every response is checked (status, non-empty answer, ``usage``, frames reported); anything else is a failure.
+Every response is checked (status, non-empty answer, ``usage``, frames reported); anything else is a failure
+(a stream cut mid-way included).
 Options below are locust options (``--model`` ...) or environment variables (``LOCUST_MODEL`` ...).
+
+``FRAMEWISE_LOCUST_LOG=PATH`` (``python -m loadtests.chaos`` sets it) appends one JSON line per request (its start
+and end time, name, HTTP status -- 0: no response --, the error and the gateway's error code when it failed)
+and one per job id the gateway accepted (a ``POST /v1/jobs``, or a chat completion that ran as a job: its id
+from the result, the error that ended the wait, or the stream's ``: queued as`` comment).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import time
 from collections.abc import Callable
 
 from locust import HttpUser, between, events, tag
 from locust.exception import StopUser
+from requests.exceptions import RequestException
 
 QUESTIONS = ("What happens in this video?", "Describe the moving object.", "What colour is the square?",
              "How many scenes are there?", "Where does the square end up?", "Summarise the clip in one line.")
@@ -64,6 +73,66 @@ def _drop_untagged_classes(environment, **_kw) -> None:
 
 class CheckFailed(Exception):
     """A response that does not look like a correct answer."""
+
+
+# ---- the request log (FRAMEWISE_LOCUST_LOG): what loadtests/chaos.py builds its ledger from ----------
+
+_LOG_PATH = os.environ.get("FRAMEWISE_LOCUST_LOG", "")
+_jobs_noted: set[str] = set()
+_JOB_ID = re.compile(r"job-[0-9a-f]{32}")
+_ERROR_CODE = re.compile(r"""["']code["']:\s*["'](\w+)["']""")
+
+
+def _log(record: dict) -> None:
+    if _LOG_PATH:
+        with open(_LOG_PATH, "a") as f:  # one short line per write: lines from users never interleave
+            f.write(json.dumps(record) + "\n")
+
+
+def _note_job(job_id: object, how: str) -> None:
+    """A job the gateway accepted (logged once per id)."""
+    if _LOG_PATH and isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) and job_id not in _jobs_noted:
+        _jobs_noted.add(job_id)
+        _log({"kind": "job", "t": time.time(), "id": job_id, "how": how})
+
+
+def _note_job_in(text: str | bytes | None, how: str) -> None:
+    """The job id an error body (``error.job_id``) or a ``: queued as`` comment names, if any."""
+    if text:
+        m = _JOB_ID.search(text.decode(errors="replace") if isinstance(text, bytes) else text)
+        if m:
+            _note_job(m.group(0), how)
+
+
+if _LOG_PATH:
+    @events.request.add_listener
+    def _log_request(request_type, name, response_time, response_length, exception=None, response=None,
+                     start_time=None, **_kw) -> None:
+        if request_type == "METRIC":
+            return
+        end = time.time()
+        status = getattr(response, "status_code", None) or 0
+        record = {"kind": "request", "start": start_time or end - response_time / 1000, "end": end,
+                  "type": request_type, "name": name, "status": status, "ok": exception is None}
+        if exception is not None:
+            text = str(exception)
+            m = _ERROR_CODE.search(text)
+            cause = getattr(response, "error", None)  # no response: the connection error
+            record["code"] = (_error_code(response) or (m.group(1) if m else None)
+                              or ("stream cut" if text.startswith("stream cut") else None)
+                              or (type(cause).__name__ if cause is not None else None))
+            record["error"] = text[:300]
+        _log(record)
+
+    def _error_code(response) -> str | None:
+        """The gateway's ``error.code`` from a body that was read (not a stream's, which was iterated)."""
+        if getattr(response, "_content", False) in (False, None, b""):
+            return None
+        try:
+            code = response.json()["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return code if isinstance(code, str) else None
 
 
 def _metric(user: HttpUser, name: str, seconds: float, length: int = 0) -> None:
@@ -137,8 +206,11 @@ class VideoUser(HttpUser):
                               catch_response=True, timeout=self.opts.request_timeout) as r:
             try:
                 if r.status_code != 200:
+                    _note_job_in(r.text, "chat completion run as a job")  # the error that ended its wait
                     raise CheckFailed(f"HTTP {r.status_code}: {r.text[:200]}")
-                _check_completion(self, r.json(), video)
+                answer = r.json()
+                _note_job(((answer.get("framewise") or {}).get("job_id")), "chat completion run as a job")
+                _check_completion(self, answer, video)
             except (CheckFailed, ValueError) as e:
                 r.failure(str(e))
 
@@ -150,10 +222,13 @@ class VideoUser(HttpUser):
                               catch_response=True, timeout=self.opts.request_timeout) as r:
             try:
                 if r.status_code != 200:
+                    _note_job_in(r.text, "chat completion run as a job")
                     raise CheckFailed(f"HTTP {r.status_code}: {r.text[:200]}")
                 first = last = None
                 text, usage, framewise, done, gaps = "", None, None, False, []
                 for line in r.iter_lines():
+                    if line.startswith(b": queued as "):  # a long video: the completion runs as a job
+                        _note_job_in(line, "chat completion run as a job")
                     if not line.startswith(b"data: "):
                         continue
                     data = line[6:]
@@ -184,6 +259,9 @@ class VideoUser(HttpUser):
                     _check_frames(self, framewise)
             except (CheckFailed, ValueError) as e:
                 r.failure(str(e))
+                return
+            except RequestException as e:  # the connection broke mid-stream
+                r.failure(f"stream cut: {type(e).__name__}: {e}")
                 return
         _metric(self, ttft_name, first - start)
         for g in gaps:
@@ -240,18 +318,30 @@ def long_video_job(user: VideoUser) -> None:
         if not job_id:
             r.failure(f"submit: HTTP {r.status_code}: {r.text[:200]}")
             return
+        _note_job(job_id, "POST /v1/jobs")
     running = end = None
     stage = None
     with user.client.get(f"/v1/jobs/{job_id}/events", headers=user.headers, name="/v1/jobs/{id}/events",
                          stream=True, catch_response=True, timeout=user.opts.request_timeout) as r:
-        for line in r.iter_lines():
-            if line.startswith(b"data: "):
-                stage = json.loads(line[6:]).get("stage")
-                if stage == "running" and running is None:
-                    running = time.perf_counter()
-                if stage in ("done", "failed", "cancelled"):
-                    end = time.perf_counter()
-                    break
+        if r.status_code != 200:
+            r.failure(f"job {job_id} events: HTTP {r.status_code}: {r.text[:200]}")
+            return
+        try:
+            for line in r.iter_lines():
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:  # the stream's last event: the job queue stopped answering
+                        r.failure(f"job {job_id} events: error event: {event['error']}")
+                        return
+                    stage = event.get("stage")
+                    if stage == "running" and running is None:
+                        running = time.perf_counter()
+                    if stage in ("done", "failed", "cancelled"):
+                        end = time.perf_counter()
+                        break
+        except RequestException as e:  # the connection broke mid-stream
+            r.failure(f"stream cut: job {job_id}: {type(e).__name__}: {e}")
+            return
         if stage != "done" or running is None:
             r.failure(f"job {job_id} ended with stage {stage!r}")
             return

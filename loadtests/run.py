@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--api-key", default=os.environ.get("API_KEY", ""))
+    ap.add_argument("--clip-port", type=int, default=0,
+                    help="port of the clip server this run starts on 127.0.0.1 (default: a free one); a --host "
+                         "gateway must allow 127.0.0.1:PORT as a media host")
     ap.add_argument("--model-dir", type=Path, default=servers.DEMO_MODEL)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=time.strftime("%Y%m%d-%H%M%S"), help="file prefix under --out")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = clips.SETS.get(args.clips) or args.clips.split(",")
     paths = clips.ensure(names)
-    clip_server = clips.ClipServer(clips.DEFAULT_DIR)
+    clip_server = clips.ClipServer(clips.DEFAULT_DIR, args.clip_port)
     gateway = None
     try:
         host = args.host

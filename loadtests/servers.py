@@ -20,6 +20,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / ".cache" / "models" / "tc-llava-demo"
+MODEL = "tc-llava"  # the served model name the benchmarks and load tests use
 
 
 def free_port() -> int:
@@ -105,7 +106,7 @@ class Server:
 def framewise(model: Path, workdir: Path, *, name: str = "tc-llava", allowed_hosts: str = "", api_key: str = "",
               args: tuple[str, ...] = (), env: dict | None = None, cpus: list[int] | None = None) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--served-model-name", name,
+    cmd = [sys.executable, "-m", "framewise.server.cli", "serve", "--model", str(model), "--served-model-name", name,
            "--port", str(port), "--files-dir", str(workdir / "files"), "--log-level", "warning", *args]
     if api_key:
         cmd += ["--api-key", api_key]
@@ -132,3 +133,16 @@ def vllm_openai(model: Path, workdir: Path, *, name: str = "tc-llava", num_frame
                        # its default 256 MB download limit refuses a 10 min 720p clip (Framewise's is raised too)
                        "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": os.environ.get("VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB", "4096"),
                        **(env or {})})
+
+
+def chat_body(server: str, url: str, frames: int, max_tokens: int, question: str = "What happens in this video?",
+              stream: bool = True) -> dict:
+    video = {"url": url}
+    body = {"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": stream,
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": video},
+                                                      {"type": "text", "text": question}]}]}
+    if server == "framewise":
+        video["num_frames"] = frames
+    else:
+        body["media_io_kwargs"] = {"video": {"num_frames": frames}}
+    return body

@@ -76,7 +76,8 @@ def summary(runner) -> dict:
 
 
 def run(host: str, tags: list[str] | None, users: int, spawn_rate: float, run_time: float, out: Path,
-        locust_args: list[str], stop_timeout: float = 300) -> dict:
+        locust_args: list[str], stop_timeout: float = 300, stop_file: Path | None = None) -> dict:
+    """``stop_file``: the run also ends as soon as this file exists (loadtests/chaos.py ends its load so)."""
     import gevent
     from locust import events
     from locust.argument_parser import parse_options
@@ -103,6 +104,13 @@ def run(host: str, tags: list[str] | None, users: int, spawn_rate: float, run_ti
     history = gevent.spawn(stats_history, runner)
     runner.start(users, spawn_rate)
     gevent.spawn_later(run_time, runner.quit)  # users finish their current task (stop_timeout)
+    if stop_file is not None:
+        def watch() -> None:
+            while not stop_file.exists():
+                gevent.sleep(0.5)
+            runner.quit()
+
+        gevent.spawn(watch)
     runner.greenlet.join()
     writer_greenlet.kill()
     history.kill()
@@ -125,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-time", type=float, default=60.0, help="seconds")
     ap.add_argument("--stop-timeout", type=float, default=300.0, help="seconds users get to finish their task")
     ap.add_argument("--out", type=Path, required=True, help="file prefix: PREFIX_stats.csv, PREFIX.html, ...")
+    ap.add_argument("--stop-file", type=Path, default=None,
+                    help="end the run early once this file exists (users still finish their task)")
     args = ap.parse_args(own)
     res = run(args.host, args.tags or None, args.users, args.spawn_rate, args.run_time, args.out, locust_args,
-              args.stop_timeout)
+              args.stop_timeout, args.stop_file)
     print(f"{res['requests']} requests, {res['failures']} failed, {len(res['exceptions'])} user exceptions "
           f"({args.out}_summary.json)")
     if res["requests"] == 0:

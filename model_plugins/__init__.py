@@ -9,16 +9,16 @@ from __future__ import annotations
 
 # architecture name (config.json "architectures") -> (model_type, "module:Class")
 ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "TCLlavaForConditionalGeneration": ("tc_llava", "model_plugins.models.tc_llava:TCLlavaForConditionalGeneration"),
-    "VideoCCAM": ("videoccam", "model_plugins.models.video_ccam:VideoCCAMForConditionalGeneration"),
+    "TCLlavaForConditionalGeneration": ("tc_llava", "framewise.model_plugins.models.tc_llava:TCLlavaForConditionalGeneration"),
+    "VideoCCAM": ("videoccam", "framewise.model_plugins.models.video_ccam:VideoCCAMForConditionalGeneration"),
     "StaveQwen2VLForConditionalGeneration": (
-        "stave_qwen2_vl", "model_plugins.models.stave:StaveQwen2VLForConditionalGeneration"),
+        "stave_qwen2_vl", "framewise.model_plugins.models.stave:StaveQwen2VLForConditionalGeneration"),
     "CustomQwen2VLForConditionalGeneration": (
-        "stave_qwen2_vl", "model_plugins.models.stave:CustomQwen2VLForConditionalGeneration"),
+        "stave_qwen2_vl", "framewise.model_plugins.models.stave:CustomQwen2VLForConditionalGeneration"),
     # vLLM's in-tree Qwen2-VL, model code untouched, on the plugin's preprocessing: STAVE's baseline
-    "Qwen2VLOnPluginPreprocessing": ("stave_qwen2_vl", "model_plugins.models.stave:Qwen2VLOnPluginPreprocessing"),
+    "Qwen2VLOnPluginPreprocessing": ("stave_qwen2_vl", "framewise.model_plugins.models.stave:Qwen2VLOnPluginPreprocessing"),
     "RedVillmForConditionalGeneration": (
-        "red_villm", "model_plugins.models.red_villm:RedVillmForConditionalGeneration"),
+        "red_villm", "framewise.model_plugins.models.red_villm:RedVillmForConditionalGeneration"),
 }
 
 
@@ -54,7 +54,7 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from model_plugins.configs import RedVillmConfig, StaveQwen2VLConfig, TCLlavaConfig, VideoCCAMConfig
+    from framewise.model_plugins.configs import RedVillmConfig, StaveQwen2VLConfig, TCLlavaConfig, VideoCCAMConfig
 
     for config_cls in (TCLlavaConfig, VideoCCAMConfig, StaveQwen2VLConfig, RedVillmConfig):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)

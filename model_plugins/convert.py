@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from model_plugins.weights import ShardWriter, iter_safetensors
+from framewise.model_plugins.weights import ShardWriter, iter_safetensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -96,7 +96,7 @@ def video_chat_template(src: Path, tokenizer, *, image_token: str, chat_template
     The source template is the one transformers' processor would use: ``chat_template.json``
     (llava-hf's layout) before the tokenizer's own (``chat_template.jinja`` / ``tokenizer_config.json``).
     """
-    from model_plugins.chat_template import with_video_parts
+    from framewise.model_plugins.chat_template import with_video_parts
 
     def render(template: str, messages: list, add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -206,8 +206,8 @@ def video_ccam_v10_to_v12(v10: str | os.PathLike, base_llm: str | os.PathLike, v
     ``max_shard_bytes``; one ``model.safetensors`` when it fits)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from model_plugins.configs import VideoCCAMConfig
-    from model_plugins.preprocess import ImageProcessorConfig
+    from framewise.model_plugins.configs import VideoCCAMConfig
+    from framewise.model_plugins.preprocess import ImageProcessorConfig
 
     v10, base_llm, vision, out = Path(v10), Path(base_llm), Path(vision), Path(out)
     vis_cfg = AutoConfig.from_pretrained(vision)
@@ -315,7 +315,7 @@ def qwen2vl_to_stave(src: str | os.PathLike, out: str | os.PathLike, *, layout: 
     """
     from safetensors import safe_open
 
-    from model_plugins.configs.stave import TEMPORAL_OUTPUT_LAYOUTS
+    from framewise.model_plugins.configs.stave import TEMPORAL_OUTPUT_LAYOUTS
 
     src, out = Path(src), Path(out)
     if layout not in TEMPORAL_OUTPUT_LAYOUTS:
@@ -436,7 +436,7 @@ def _bin_to_safetensors(src: Path, files: list[str], out: Path, max_shard_bytes:
     """Stream ``pytorch_model*.bin`` shards (memory-mapped, tensors only) into safetensors shards."""
     import torch
 
-    from model_plugins.weights import ShardWriter
+    from framewise.model_plugins.weights import ShardWriter
 
     writer = ShardWriter(out, max_shard_bytes)
     try:
@@ -531,9 +531,9 @@ def qwen_vl_to_red_villm(
     """
     import torch
 
-    from model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
-    from model_plugins.configs.red_villm import RedVillmConfig
-    from model_plugins.tiktoken_convert import (
+    from framewise.model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
+    from framewise.model_plugins.configs.red_villm import RedVillmConfig
+    from framewise.model_plugins.tiktoken_convert import (
         ENDOFTEXT,
         IM_END,
         load_tiktoken_ranks,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from model_plugins.selfcheck import check_plugin
+from framewise.model_plugins.selfcheck import check_plugin
 
 # vLLM on CPU reserves this many GiB of KV cache per engine unless told otherwise.
 DEFAULT_CPU_KV_CACHE_GIB = "2"

@@ -57,7 +57,7 @@ def check_plugin(*, import_models: bool = True) -> list[str]:
 
     from vllm import ModelRegistry
 
-    from model_plugins import ARCHITECTURES
+    from framewise.model_plugins import ARCHITECTURES
 
     supported = set(ModelRegistry.get_supported_archs())
     missing = [a for a in ARCHITECTURES if a not in supported]

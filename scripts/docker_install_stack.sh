@@ -37,7 +37,7 @@ else
   "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
 import torch, vllm  # noqa: F401
-import server.app  # noqa: F401
+import framewise.server.app  # noqa: F401
 bad = [m for m in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(m)]
 if bad:
     sys.exit(f"CUDA-only packages present in the CPU stack: {bad}")

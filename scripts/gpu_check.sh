@@ -78,11 +78,11 @@ print("vllm", vllm.__version__, "triton", triton.__version__)'
 # --- checkpoints -------------------------------------------------------------------------
 if [ -z "$TC_MODEL" ]; then
   TC_MODEL="$OUT/ckpt/tc-llava"
-  step demo-tc-llava "$PY" -m server.cli demo-model --arch tc-llava --out "$TC_MODEL"
+  step demo-tc-llava "$PY" -m framewise.server.cli demo-model --arch tc-llava --out "$TC_MODEL"
 fi
 if [ -z "$CCAM_MODEL" ]; then
   CCAM_MODEL="$OUT/ckpt/video-ccam"
-  step demo-video-ccam "$PY" -m server.cli demo-model --arch video-ccam --out "$CCAM_MODEL"
+  step demo-video-ccam "$PY" -m framewise.server.cli demo-model --arch video-ccam --out "$CCAM_MODEL"
 fi
 TC_NOMASK="$OUT/ckpt/tc-llava-nomask"
 step variant-nomask "$PY" -m bench.gpu_check variant --base "$TC_MODEL" --out "$TC_NOMASK" \

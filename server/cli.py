@@ -30,7 +30,7 @@ def _exit_without_engine_teardown(code: int = 0) -> None:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from model_plugins.reference.demo_checkpoint import write_demo_checkpoint
+    from framewise.model_plugins.reference.demo_checkpoint import write_demo_checkpoint
 
     out = write_demo_checkpoint(args.arch, args.out, seed=args.seed)
     print(f"wrote a tiny random {args.arch} checkpoint to {out}")
@@ -38,7 +38,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    from model_plugins.selfcheck import PluginSelfCheckError, check_plugin
+    from framewise.model_plugins.selfcheck import PluginSelfCheckError, check_plugin
 
     try:
         archs = check_plugin()
@@ -50,7 +50,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_llava(args: argparse.Namespace) -> int:
-    from model_plugins.convert import llava_to_tc_llava
+    from framewise.model_plugins.convert import llava_to_tc_llava
 
     out = llava_to_tc_llava(args.src, args.out, gamma=args.gamma, frame_block_mask=not args.no_frame_mask,
                             frame_pooling=args.frame_pooling, num_frames=args.num_frames,
@@ -60,7 +60,7 @@ def cmd_convert_llava(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_qwen2vl(args: argparse.Namespace) -> int:
-    from model_plugins.convert import qwen2vl_to_stave
+    from framewise.model_plugins.convert import qwen2vl_to_stave
 
     out = qwen2vl_to_stave(args.src, args.out, layout=args.layout, seed=args.seed)
     print(f"wrote STAVE checkpoint {out} (Qwen2-VL weights linked from {args.src}; temporal layers zero-initialised)")
@@ -68,7 +68,7 @@ def cmd_convert_qwen2vl(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_qwen_vl(args: argparse.Namespace) -> int:
-    from model_plugins.convert import RED_VILLM_OPTIONS, qwen_vl_to_red_villm
+    from framewise.model_plugins.convert import RED_VILLM_OPTIONS, qwen_vl_to_red_villm
 
     try:
         given = {k: getattr(args, k) for k in RED_VILLM_OPTIONS if hasattr(args, k)}
@@ -87,7 +87,7 @@ def _frames_or_none(value: str) -> int | None:
 
 
 def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
-    from model_plugins.convert import video_ccam_v10_to_v12
+    from framewise.model_plugins.convert import video_ccam_v10_to_v12
 
     out = video_ccam_v10_to_v12(args.v10, args.base_llm, args.vision, args.out, num_frames=args.num_frames,
                                 max_frames=args.max_frames)
@@ -101,10 +101,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
 
-    from model_plugins.offline import create_llm
-    from server.video.decode import sample_video
-    from server.video.sampling import FrameSampling
-    from server.video.synth import write_clip
+    from framewise.model_plugins.offline import create_llm
+    from framewise.server.video.decode import sample_video
+    from framewise.server.video.sampling import FrameSampling
+    from framewise.server.video.synth import write_clip
 
     model = str(args.model)
     if not Path(model, "config.json").is_file():
@@ -145,32 +145,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible gateway with the engine in-process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import uvicorn
+    from framewise.server.app import create_app
+    from framewise.server.http_edges import uvicorn_options
+    from framewise.server.lifecycle import run_server
+    from framewise.server.logs import configure_logging
 
-    from server.app import create_app
-    from server.logs import configure_logging
-    from server.settings import Settings
-
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in Settings.model_fields and v is not None and k != "api_keys"}
-    if args.api_key:
-        overrides["api_keys"] = args.api_key
-    if args.allowed_media_hosts is not None:
-        overrides["allowed_media_hosts"] = args.allowed_media_hosts
-    settings = Settings(**overrides)
+    settings = settings_from(args)
     if not Path(settings.model, "config.json").is_file():
         print(f"no checkpoint at {settings.model}; run `framewise demo-model --arch tc-llava --out {settings.model}`",
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    from server.engine import Engine
+    from framewise.server.tenants import KeyFileError, KeyRing
+
+    try:
+        keys = KeyRing(settings)
+    except KeyFileError as e:
+        print(f"framewise serve: the API keys file does not parse: {e}", file=sys.stderr)
+        return 2
+    warn_if_open(settings.host, keys.enabled)
+    from framewise.server.engine import Engine
 
     # SIGTERM: uvicorn closes the listening socket at once (no new connections), lets in-flight requests and
     # streams finish for up to --drain-timeout-s, then cancels what is left and runs the app's shutdown.
+    # Clients waiting on queued completions get their job ids at once; jobs run on (server/lifecycle.py).
+    # A dead engine: /health 503, then the same shutdown (drain <= 10 s) and exit status 1.
+    # uvicorn_options: the request head's size and arrival time, the keep-alive timeout (server/http_edges.py)
     app = create_app(settings, Engine(settings, engine_overrides(args)))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                access_log=False, log_level=settings.log_level.lower(), timeout_graceful_shutdown=args.drain_timeout_s)
+    code = run_server(app, app.state.services.lifecycle, host=settings.host, port=settings.port, log_config=None,
+                      access_log=False, log_level=settings.log_level.lower(),
+                      timeout_graceful_shutdown=args.drain_timeout_s, **uvicorn_options(settings))
+    if code:
+        _exit_without_engine_teardown(code)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def warn_if_open(host: str, keys: bool) -> bool:
+    """``serve`` bound to a non-loopback address without API keys: anyone who reaches it may use it (and every
+    upload and job is one tenant's). Said loudly: a WARNING log line and on stderr. True when warned."""
+    if keys or is_loopback(host):
+        return False
+    import logging
+
+    message = (f"framewise serve is listening on {host} WITHOUT API KEYS: anyone who can reach it may use the "
+               "model and read, use and delete every upload and job. Set --api-key NAME:KEY or --api-keys-file "
+               "(development mode is meant for a loopback address).")
+    logging.getLogger("framewise.security").warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    return True
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -179,21 +212,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from server.app import build_services
-    from server.logs import configure_logging
-    from server.settings import Settings
+    from framewise.server.app import build_services
+    from framewise.server.logs import configure_logging
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
     if not settings.redis_url:
         print("framewise worker needs --redis-url or REDIS_URL", file=sys.stderr)
         return 2
 
-    from server.engine import Engine
-    from server.worker_http import WorkerHTTP
+    from framewise.server.engine import Engine
+    from framewise.server.worker_http import WorkerHTTP
 
-    async def run() -> None:
+    async def run() -> int:
         services = build_services(settings, Engine(settings, engine_overrides(args)))
         http = None
         if args.metrics_port is not None:  # up before the engine loads: /health answers 503 until it is ready
@@ -207,15 +238,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, stop.set)
             print(f"framewise worker ready (model {settings.model_name}, queue {settings.redis_url})", flush=True)
             try:
-                await services.worker().run(stop, grace_s=args.grace_s)
+                await services.worker().run(stop, grace_s=args.grace_s)  # returns at once when the engine dies
             finally:
                 await services.stop()
         finally:
             if http is not None:
                 await http.stop()
+        return services.lifecycle.exit_code
 
-    asyncio.run(run())
-    _exit_without_engine_teardown()
+    # a dead engine: jobs handed back (no attempt spent), exit status 1: Compose / Kubernetes restart the worker
+    _exit_without_engine_teardown(asyncio.run(run()))
 
 
 ENGINE_COMMANDS = ("serve", "worker")
@@ -225,7 +257,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """vLLM's own engine options (``AsyncEngineArgs.add_cli_args``), grouped as vLLM groups them, shown in
     ``--help``. Flags Framewise already has (``--model``, ``--max-model-len``, ...) keep Framewise's meaning.
     Defaults are suppressed: only what the user typed reaches the engine, over Framewise's defaults
-    (``server.engine.engine_args``)."""
+    (``framewise.server.engine.engine_args``)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -248,6 +280,53 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_overrides(args: argparse.Namespace) -> dict:
     """The vLLM engine options given on the command line (``dest -> value``)."""
     return {d: getattr(args, d) for d in getattr(args, "engine_dests", ()) if hasattr(args, d)}
+
+
+# Settings fields whose flags have other names too (the command lines deploy/ and users already have)
+FLAG_ALIASES = {"api_keys": ("--api-key",), "admin_tenants": ("--admin-tenant",), "worker_concurrency": ("--concurrency",),
+                "job_visibility_timeout_s": ("--visibility-timeout-s",), "job_heartbeat_s": ("--heartbeat-s",),
+                "job_max_attempts": ("--max-attempts",)}
+NOT_FLAGS = ("enable_prefix_caching",)  # vLLM's own engine option (--[no-]enable-prefix-caching) sets it
+
+
+def add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`server.settings.Settings` field, named after it (``--max-video-mb``), typed by its
+    annotation, described by its description; defaults are the environment's and the field's, so a flag not
+    given leaves the setting alone."""
+    import types
+    import typing
+
+    from framewise.server.settings import Settings
+
+    group = p.add_argument_group("Framewise settings (each also FRAMEWISE_<NAME> in the environment)")
+    for name, field in Settings.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        default = field.default_factory() if field.default_factory is not None else field.default
+        kw: dict = {"dest": name, "default": None,
+                    "help": f"{field.description} (default {default!r})" if default not in (None, []) else
+                    field.description}
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is typing.Annotated:
+            kind = typing.get_args(kind)[0]
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            kw["action"] = "append"
+        elif typing.get_origin(kind) is typing.Literal:
+            kw["choices"] = typing.get_args(kind)
+        else:
+            kw["type"] = kind
+        group.add_argument(*FLAG_ALIASES.get(name, ()), "--" + name.replace("_", "-"), **kw)
+
+
+def settings_from(args: argparse.Namespace):
+    """The settings: the flags given, over ``FRAMEWISE_*`` environment variables, over the defaults."""
+    from framewise.server.settings import Settings
+
+    return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None})
 
 
 def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
@@ -314,61 +393,23 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("serve", help="OpenAI-compatible gateway (flags override FRAMEWISE_* env vars)")
-    p.add_argument("--model")
-    p.add_argument("--served-model-name", dest="served_model_name")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--api-key", action="append", help="accepted bearer key (repeatable)")
-    p.add_argument("--max-model-len", type=int, dest="max_model_len")
-    p.add_argument("--max-video-mb", type=float, dest="max_video_mb")
-    p.add_argument("--max-image-mb", type=float, dest="max_image_mb")
-    p.add_argument("--max-upload-mb", type=float, dest="max_upload_mb")
-    p.add_argument("--max-duration-s", type=float, dest="max_duration_s")
-    p.add_argument("--max-pixels", type=int, dest="max_pixels")
-    p.add_argument("--fetch-timeout-s", type=float, dest="fetch_timeout_s")
-    p.add_argument("--decode-timeout-s", type=float, dest="decode_timeout_s")
-    p.add_argument("--decode-workers", type=int, dest="decode_workers")
-    p.add_argument("--max-concurrent-requests", type=int, dest="max_concurrent_requests")
-    p.add_argument("--allowed-media-hosts", dest="allowed_media_hosts",
-                   help="comma list of hosts, host:port or CIDRs that may be fetched even if private")
-    p.add_argument("--allowed-local-media-path", dest="allowed_local_media_path")
-    p.add_argument("--files-dir", dest="files_dir")
-    p.add_argument("--redis-url", dest="redis_url", help="job queue (default: REDIS_URL, else in-process)")
-    p.add_argument("--consume", action="store_true", default=None, help="also run a job worker in this process")
-    p.add_argument("--queue-above-s", type=float, dest="queue_above_s",
-                   help="chat completions whose video lasts longer run through the job queue (default 600)")
-    p.add_argument("--queue-above-mb", type=float, dest="queue_above_mb",
-                   help="... or whose video is larger than this (default 128)")
-    p.add_argument("--decode-threads", type=int, dest="decode_threads",
-                   help="decoders working on one video in parallel (default 2)")
+    add_settings_flags(p)
     p.add_argument("--drain-timeout-s", type=float, dest="drain_timeout_s",
                    default=float(os.environ.get("FRAMEWISE_DRAIN_TIMEOUT_S", "30")),
                    help="on SIGTERM: stop accepting, let in-flight requests and streams finish for up to this "
                         "many seconds, then exit (default 30, env FRAMEWISE_DRAIN_TIMEOUT_S)")
-    _log_flags(p)
     if engine_options:
         add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="engine + job consumer on Redis (flags override FRAMEWISE_* / REDIS_URL)")
-    p.add_argument("--model")
-    p.add_argument("--served-model-name", dest="served_model_name")
-    p.add_argument("--redis-url", dest="redis_url")
-    p.add_argument("--redis-prefix", dest="redis_prefix")
-    p.add_argument("--concurrency", type=int, dest="worker_concurrency")
-    p.add_argument("--visibility-timeout-s", type=float, dest="job_visibility_timeout_s")
-    p.add_argument("--heartbeat-s", type=float, dest="job_heartbeat_s")
-    p.add_argument("--max-attempts", type=int, dest="job_max_attempts")
-    p.add_argument("--allowed-media-hosts", dest="allowed_media_hosts")
-    p.add_argument("--max-model-len", type=int, dest="max_model_len")
-    p.add_argument("--files-dir", dest="files_dir")
+    add_settings_flags(p)
     p.add_argument("--grace-s", type=float, default=30.0, dest="grace_s", help="time to finish jobs on SIGTERM")
     p.add_argument("--metrics-port", type=int, dest="metrics_port",
                    default=int(os.environ["FRAMEWISE_METRICS_PORT"]) if os.environ.get("FRAMEWISE_METRICS_PORT")
                    else None,
                    help="serve /metrics (Prometheus) and /health on this port (env FRAMEWISE_METRICS_PORT)")
     p.add_argument("--metrics-host", dest="metrics_host", help="address for --metrics-port (default: --host setting)")
-    _log_flags(p)
     if engine_options:
         add_engine_args(p)
     p.set_defaults(func=cmd_worker)
@@ -383,15 +424,15 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
     return ap
 
 
-def _log_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error (default info)")
-    p.add_argument("--log-format", dest="log_format", choices=["json", "text"],
-                   help="json: one object per line with request/job ids (default); text: for humans")
-
-
 def main(argv: list[str] | None = None) -> int:
     words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     args = build_parser(engine_options=bool(words) and words[0] in ENGINE_COMMANDS).parse_args(argv)
+    if args.command.startswith("convert"):  # a source the converter refuses: its reason, not a traceback
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"framewise {args.command}: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from server.settings import Settings
+from framewise.server.settings import Settings
 
 # RED-VILLM (Qwen-VL's tags): what its chat template writes for an image / a video part
 RED_VILLM_PLACEHOLDERS = {"image": "<img></img>", "video": "<img><imgpad></img>"}
@@ -44,7 +45,7 @@ def engine_args(settings: Settings, overrides: dict | None = None):
 
 def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelDefaults:
     """The gateway's view of the served model, from its config and tokenizer."""
-    from model_plugins.preprocess import load_image_processor_config
+    from framewise.model_plugins.preprocess import load_image_processor_config
 
     size = getattr(getattr(cfg, "vision_config", None), "image_size", None)
     edge = load_image_processor_config(model_dir, size).shortest_edge if size else None
@@ -65,6 +66,29 @@ def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelD
     )
 
 
+class EngineAPI(Protocol):
+    """What the gateway and the job worker need of an engine (:class:`Engine`; tests use stand-ins).
+
+    ``ready``: it can take requests. ``dead`` (optional: a stand-in without it is dead when it stops
+    being ready after start): the engine core died, for good -- the process must exit (server/lifecycle.py)."""
+
+    tokenizer: Any
+    defaults: ModelDefaults | None
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    def render(self, messages: list[dict]) -> str: ...
+
+    def generate(self, prompt: dict, params, request_id: str) -> AsyncIterator: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 class Engine:
     def __init__(self, settings: Settings, engine_overrides: dict | None = None):
         self.settings = settings
@@ -77,8 +101,14 @@ class Engine:
     def ready(self) -> bool:
         return self.llm is not None and not getattr(self.llm, "errored", False)
 
+    @property
+    def dead(self) -> bool:
+        """The engine core died (vLLM's ``AsyncLLM.errored``: its process monitor saw the core exit, or the
+        output handler failed): every request on it fails with ``EngineDeadError`` from now on."""
+        return self.llm is not None and bool(getattr(self.llm, "errored", False))
+
     async def start(self) -> None:
-        from model_plugins.selfcheck import check_plugin
+        from framewise.model_plugins.selfcheck import check_plugin
 
         check_plugin()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

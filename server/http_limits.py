@@ -6,6 +6,11 @@ disk. This middleware answers 413 before reading when ``Content-Length`` is over
 and otherwise counts the bytes as the application receives them, cutting the body off (and
 answering 413) the moment the count passes the limit, whether or not a ``Content-Length``
 was sent or honest. The application never receives more than the limit.
+
+It also authenticates ``/v1/*`` requests (the tenant of the key, server/tenants.py) before anything reads
+a body: a request with a body and no valid key is answered 401 unread; an authenticated request carries its
+tenant in ``scope["state"]["tenant"]`` (for admission, the routes and the log context). A request without a
+body and without a valid key goes on to its route, which answers 401 (or 404 for no route).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import json
 import logging
 from dataclasses import dataclass
 
-from server.deps import key_matches
-from server.errors import error_body
+from framewise.server import logs
+from framewise.server.deps import UNAUTHORIZED, bearer_token
+from framewise.server.errors import error_body
+from framewise.server.tenants import KeyRing
 
 log = logging.getLogger("framewise.limits")
 MB = 1 << 20
@@ -73,35 +80,43 @@ async def _refuse(send, limit: int, code: str) -> None:
 
 
 async def _unauthorized(send) -> None:
-    body = json.dumps(error_body(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)"))
+    body = json.dumps(error_body(401, "invalid_api_key", UNAUTHORIZED))
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-def _bearer(scope) -> bytes | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else None
-    return None
-
-
 class BodyLimitMiddleware:
-    """``api_keys``: a request with a body to an authenticated route (``/v1/...``) is refused (401) before
-    its body is read: FastAPI reads a body before it runs the route's auth dependency."""
+    """``tenants`` (or ``api_keys``, a plain list): a request with a body to an authenticated route (``/v1/...``)
+    is refused (401) before its body is read: FastAPI reads a body before it runs the route's auth dependency."""
 
-    def __init__(self, app, limits: BodyLimits, api_keys: list[str] | None = None):
-        self.app, self.limits, self.api_keys = app, limits, api_keys or []
+    def __init__(self, app, limits: BodyLimits, api_keys: list[str] | None = None, tenants: KeyRing | None = None):
+        self.app, self.limits = app, limits
+        if tenants is None:
+            from types import SimpleNamespace
+
+            tenants = KeyRing(SimpleNamespace(api_keys=api_keys or []))
+        self.tenants = tenants
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_keys and scope["method"] in _BODY_METHODS and scope["path"].startswith("/v1/"):
-            token = _bearer(scope)
-            if token is None or not key_matches(token, self.api_keys):
+        if not scope["path"].startswith("/v1/"):
+            return await self._limited(scope, receive, send)
+        tenant = self.tenants.authenticate(bearer_token(scope))
+        if tenant is None:
+            if scope["method"] in _BODY_METHODS:
                 return await _unauthorized(send)
+            return await self._limited(scope, receive, send)
+        scope.setdefault("state", {})["tenant"] = tenant
+        token = logs.tenant.set(tenant.name)
+        try:
+            return await self._limited(scope, receive, send)
+        finally:
+            logs.tenant.reset(token)
+
+    async def _limited(self, scope, receive, send):
         limit, code = self.limits.for_request(scope["method"], scope["path"])
         length = _content_length(scope)
         if length is not None and length > limit:

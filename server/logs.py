@@ -2,7 +2,9 @@
 
 The HTTP middleware takes the client's ``X-Request-ID`` when it is a sane token (else makes
 one), puts it in :data:`request_id` for everything logged while the request is handled, and
-returns it in the response's ``X-Request-ID`` header. Job workers set :data:`job_id`.
+returns it in the response's ``X-Request-ID`` header. Job workers set :data:`job_id`. :data:`tenant` is the
+tenant of the API key that authenticated the request (server/tenants.py), or the owner of the job a worker
+runs: its name, never the key.
 Fields passed as ``extra={...}`` become top-level keys of the JSON object.
 """
 
@@ -19,6 +21,7 @@ from typing import TextIO
 
 request_id: ContextVar[str | None] = ContextVar("framewise_request_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("framewise_job_id", default=None)
+tenant: ContextVar[str | None] = ContextVar("framewise_tenant", default=None)
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # LogRecord's own attributes, plus what uvicorn and vLLM attach to every record
@@ -27,7 +30,8 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 
 
 def _ids() -> dict[str, str]:
-    return {k: v for k, var in (("request_id", request_id), ("job_id", job_id)) if (v := var.get()) is not None}
+    return {k: v for k, var in (("request_id", request_id), ("job_id", job_id), ("tenant", tenant))
+            if (v := var.get()) is not None}
 
 
 def _extras(record: logging.LogRecord) -> dict:

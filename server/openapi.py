@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from server.jobs.base import STATUSES
+from framewise.server.jobs.base import STATUSES
 
 
 class ErrorDetail(BaseModel):
@@ -53,6 +53,15 @@ class FileObject(BaseModel):
     created_at: int
     filename: str
     purpose: str
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class FileDeleted(BaseModel):

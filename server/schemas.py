@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_SAMPLING_FPS = 1000.0  # frames sampled per second of video, at most (a finite span * fps stays finite)
 
 
 class VideoURL(BaseModel):
+    # finite numbers only: an infinite fps or time overflowed in frame planning (400 decode_failed, OverflowError)
+    model_config = ConfigDict(allow_inf_nan=False)
+
     url: str
     num_frames: int | None = Field(None, ge=1)
-    fps: float | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0, le=MAX_SAMPLING_FPS)
     start: float | None = Field(None, ge=0)
     end: float | None = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _range(self):
-        if self.start is not None and self.end is not None and self.end <= self.start:
-            raise ValueError("end must be greater than start")
-        return self
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: float | None, info: ValidationInfo):
+        start = info.data.get("start")  # absent when start itself was refused
+        if end is not None and start is not None and end <= start:
+            raise PydanticCustomError("end_not_after_start", "end ({end}) must be greater than start ({start})",
+                                      {"end": end, "start": start})
+        return end
 
 
 class ImageURL(BaseModel):
@@ -44,9 +53,19 @@ class VideoPart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+def _content_kind(v) -> str:
+    return "parts" if isinstance(v, list) else "text"
+
+
+# a string or a list of parts, chosen by the input's own shape: an invalid part is reported as that part's error
+# (a plain union reported the string branch first: "content.str: Input should be a valid string")
+MessageContent = Annotated[Annotated[str, Tag("text")] | Annotated[list[ContentPart], Tag("parts")],
+                           Discriminator(_content_kind)]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart] | None = None
+    content: MessageContent | None = None
     name: str | None = None
 
 

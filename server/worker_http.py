@@ -9,7 +9,7 @@ import logging
 
 from aiohttp import web
 
-from server.metrics import refresh_queue_gauges
+from framewise.server.metrics import refresh_queue_gauges
 
 log = logging.getLogger("framewise.worker")
 

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny checkpoints and session-wide vLLM engines."""
+"""Shared fixtures (tiny checkpoints, session-wide engines and gateways: tests/stack.py) and the marker guard.
+
+The guard: every subprocess a test starts is classified (a vLLM engine, a gateway or a worker: ``engine``;
+the Docker client or daemon: ``docker``) and refused, failing the test, unless the test that caused it
+(its own code or a fixture it requested) carries that marker. ``make test-fast`` (``-m "not engine and not
+docker"``) therefore never starts an engine, and a new test cannot silently make it slow.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -21,6 +28,91 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.stack"]
+
+# ---- the marker guard ----------------------------------------------------------------------------------
+
+_running: list[pytest.Item | None] = [None]  # the test whose setup, call or teardown runs now
+ENGINE_COMMANDS = ("serve", "worker", "demo")  # `framewise <command>` that starts a vLLM engine
+ENGINE_SCRIPTS = ("engine_server.py", "serve_e2e.py", "gateway_stages.py", "loadtests.run", "loadtests.chaos")
+
+
+def process_kind(argv) -> str | None:
+    """``engine`` / ``docker`` for a command line that starts one, else None."""
+    words = [str(a) for a in ([argv] if isinstance(argv, str | bytes | os.PathLike) else argv)]
+    if len(words) == 1:
+        words = words[0].split()
+    names = [os.path.basename(w) for w in words]
+    if "--help" in names or "-h" in names:
+        return None
+    if any(n in ("docker", "dockerd", "containerd") for n in names):
+        return "docker"
+    if "docker-compose" in names and "config" not in names:  # `config` only validates the file
+        return "docker"
+    if "docker_env.sh" in names and ("start" in names or "base" in names):  # a private dockerd
+        return "docker"
+    if any(n in ENGINE_SCRIPTS or w in ENGINE_SCRIPTS for n, w in zip(names, words, strict=True)):
+        return "engine"
+    for i, n in enumerate(names):
+        if n == "framewise.server.cli" or n == "framewise" or (n == "vllm" and i + 1 < len(names) and names[i + 1] == "serve"):
+            rest = [w for w in names[i + 1:] if not w.startswith("-")]
+            if rest and rest[0] in ENGINE_COMMANDS:
+                return "engine"
+        if n == "vllm.entrypoints.openai.api_server":
+            return "engine"
+    return None
+
+
+_starting = threading.local()
+
+
+@contextlib.contextmanager
+def shared_processes_starting():
+    """For tests/stack.py only: the session's shared processes start early, in this thread (before the first
+    test that needs them, which carries the marker, or in a background thread); the guard does not hold them
+    against the test running meanwhile."""
+    _starting.on = True
+    try:
+        yield
+    finally:
+        _starting.on = False
+
+
+def _guard(event: str, args: tuple) -> None:
+    if event != "subprocess.Popen":
+        return
+    item = _running[0]
+    if getattr(_starting, "on", False):
+        return
+    kind = process_kind(args[1] if args[1] is not None else args[0])
+    if item is None or kind is None or item.get_closest_marker(kind) is not None:
+        return
+    raise RuntimeError(f"{item.nodeid} starts a {kind} process ({args[1]!r}) without @pytest.mark.{kind}: "
+                       f"mark it (make test-fast must never start one)")
+
+
+sys.addaudithook(_guard)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests without an engine first, then engine tests, then those that end a shared process (``ends_shared``),
+    Docker last (each group in file order): the shared engines (tests/stack.py) load on one CPU while the fast
+    tests run on the other, and no test finds a shared process another test ended."""
+    def group(item) -> int:
+        if item.get_closest_marker("docker"):
+            return 3
+        if item.get_closest_marker("ends_shared"):
+            return 2
+        return 1 if item.get_closest_marker("engine") else 0
+
+    items[:] = sorted(items, key=group)  # stable
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    yield
+    _running[0] = None
 
 
 class EngineError(RuntimeError):
@@ -72,6 +164,23 @@ class EngineHandle:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``framewise ARGS`` in this process (``server.cli.main``; no interpreter start, ~7 s here): its exit status,
+    stdout and stderr. For commands that start no engine; the installed console script itself is run by
+    tests/test_cli_and_convert.py::test_selfcheck_cli."""
+    import io
+
+    from framewise.server.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's refusals
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["framewise", *args], code, out.getvalue(), err.getvalue())
+
+
 def variant_checkpoint(base: Path, out: Path, **config_changes) -> Path:
     """The same weights and tokenizer with some config.json values changed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +195,7 @@ def variant_checkpoint(base: Path, out: Path, **config_changes) -> Path:
 
 @pytest.fixture(scope="session")
 def tc_llava_dir(tmp_path_factory) -> Path:
-    from model_plugins.reference.demo_checkpoint import write_demo_checkpoint
+    from framewise.model_plugins.reference.demo_checkpoint import write_demo_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tc-llava"
     write_demo_checkpoint("tc-llava", str(out))
@@ -109,7 +218,7 @@ def tokenizer(tc_llava_dir):
 
 @pytest.fixture(scope="session")
 def reference(tc_llava_dir):
-    from model_plugins.reference.tc_llava import TCLlavaReference
+    from framewise.model_plugins.reference.tc_llava import TCLlavaReference
 
     return TCLlavaReference.from_pretrained(str(tc_llava_dir))
 
@@ -121,15 +230,16 @@ def _engine(model: Path, tmp_path_factory, name: str, **kw):
     handle.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tc_engine(tc_llava_dir, tmp_path_factory):
-    """TC-LLaVA (gamma 1, frame mask on) with prefix caching on."""
+    """TC-LLaVA (gamma 1, frame mask on) with prefix caching on, compiled as served (the other test engines are
+    eager: torch.compile costs ~10 s a start here and is exercised by this one and the session gateway)."""
     yield from _engine(tc_llava_dir, tmp_path_factory, "tc", enable_prefix_caching=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def plain_engine(plain_llava_dir, tmp_path_factory):
-    yield from _engine(plain_llava_dir, tmp_path_factory, "plain", enable_prefix_caching=False)
+    yield from _engine(plain_llava_dir, tmp_path_factory, "plain", enable_prefix_caching=False, enforce_eager=True)
 
 
 def random_video(num_frames: int, seed: int, size: int = 56) -> np.ndarray:

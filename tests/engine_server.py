@@ -47,7 +47,7 @@ def main() -> None:
     try:
         from vllm import SamplingParams
 
-        from model_plugins.offline import create_llm
+        from framewise.model_plugins.offline import create_llm
 
         llm = create_llm(args.model, **json.loads(args.engine_args))
     except BaseException as e:

@@ -40,8 +40,8 @@ def free_port() -> int:
 
 
 class MediaServer:
-    """Serves files from ``root`` plus test routes:
-    ``/slow`` (answers after 30 s), ``/big`` (an endless body), ``/redirect?to=URL``."""
+    """Serves files from ``root`` plus test routes, under any folder (``/slow``, ``/gateway/slow``):
+    ``slow/NAME`` (NAME after 30 s), ``big`` (an endless body), ``redirect?to=URL``."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -55,10 +55,12 @@ class MediaServer:
                 pass
 
             def do_GET(self):
-                if self.path.startswith("/slow"):
+                folder, route, rest = _route(self.path)
+                if route == "slow":
                     time.sleep(30)
+                    self.path = folder + rest
                     return super().do_GET()
-                if self.path.startswith("/big"):
+                if route == "big":
                     self.send_response(200)
                     self.send_header("Content-Type", "video/mp4")
                     self.end_headers()
@@ -68,9 +70,9 @@ class MediaServer:
                     except (BrokenPipeError, ConnectionResetError):
                         pass
                     return None
-                if self.path.startswith("/redirect?to="):
+                if route == "redirect":
                     self.send_response(302)
-                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.send_header("Location", rest.split("=", 1)[1])
                     self.end_headers()
                     return None
                 return super().do_GET()
@@ -87,6 +89,19 @@ class MediaServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _route(path: str) -> tuple[str, str | None, str]:
+    """(folder prefix, test route or None, the rest): ``/f/slow/a.mp4`` -> ``("/f", "slow", "/a.mp4")``."""
+    head, _, query = path.partition("?")
+    parts = head.split("/")
+    for i in (1, 2):
+        if i < len(parts) and parts[i] in ("slow", "big", "redirect"):
+            rest = "/" + "/".join(parts[i + 1:]) + (f"?{query}" if query else "")
+            if parts[i] == "redirect":
+                rest = "?" + query
+            return "/".join(parts[:i]), parts[i], rest
+    return "", None, path
 
 
 class RecordingServer:
@@ -128,35 +143,46 @@ class RecordingServer:
 
 class Gateway:
     def __init__(self, model: Path, workdir: Path, *, api_key: str, allowed_hosts: str, env: dict | None = None,
-                 args: tuple[str, ...] = (), pin: bool = False, ready_s: float = 240):
+                 args: tuple[str, ...] = (), pin: bool = False, ready_s: float = 240, wait: bool = True):
         """``pin``: the server and its engine processes get one CPU, the test process the others. Measured on
         the 2-core CI VM: an engine spread over both cores, streaming a long generation, starved every other
-        process (the test included) for up to 9 s, so a client could not disconnect before the end."""
+        process (the test included) for up to 9 s, so a client could not disconnect before the end.
+        ``wait=False``: return at once; :meth:`wait_ready` waits (tests/stack.py starts gateways early)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
+        self.ready_s = ready_s
         self.log_path = workdir / "gateway.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
         cpu = ["taskset", "-c", str(max(os.sched_getaffinity(0)))] if pin else []
-        cmd = [*cpu, sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
+        cmd = [*cpu, sys.executable, "-m", "framewise.server.cli", "serve", "--model", str(model), "--port", str(self.port),
                "--api-key", api_key, "--files-dir", str(workdir / "files"), "--log-level", "info", *args]
+        self.started = time.time()
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "FRAMEWISE_ALLOWED_MEDIA_HOSTS": allowed_hosts, "VLLM_CPU_KVCACHE_SPACE": "1",
                  **(env or {})},
         )
-        deadline = time.time() + ready_s
-        while time.time() < deadline:
+        self.ready = False
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> Gateway:
+        deadline = self.started + self.ready_s
+        while not self.ready and time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}; log: {self.log_path}")
             try:
                 if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
-                    return
+                    self.ready = True
+                    return self
             except httpx.HTTPError:
                 pass
-            time.sleep(1)
+            time.sleep(0.5)
+        if self.ready:
+            return self
         self.close()
-        raise RuntimeError(f"gateway not ready after {ready_s:.0f} s; log: {self.log_path}")
+        raise RuntimeError(f"gateway not ready after {self.ready_s:.0f} s; log: {self.log_path}")
 
     @property
     def headers(self) -> dict:

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.errors import APIError
-from server.metrics import Metrics
-from server.routers.chat import _Slot
-from server.settings import Settings
+from framewise.server.errors import APIError
+from framewise.server.metrics import Metrics
+from framewise.server.routers.chat import _Slot
+from framewise.server.settings import Settings
 
 
 def services(ready: bool, limit: int):

@@ -14,16 +14,18 @@ import time
 import pytest
 import torch
 
-import model_plugins
-from model_plugins.selfcheck import PluginSelfCheckError, check_plugin
-from tests.conftest import ROOT, _engine, random_video
+from framewise import model_plugins
+from framewise.model_plugins.selfcheck import PluginSelfCheckError, check_plugin
+from tests.conftest import ROOT, _engine, cli, random_video
 
-FRAMEWISE = [sys.executable, "-m", "server.cli"]
+FRAMEWISE = [sys.executable, "-m", "framewise.server.cli"]
 
 
 def run_cli(*args, env=None, cwd=None):
-    return subprocess.run([*FRAMEWISE, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+    """The installed console script, in a process of its own (its entry point and environment are the test)."""
+    return subprocess.run(["framewise", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", **(env or {})},
+                          cwd=cwd or ROOT)
 
 
 def test_plugin_entry_point_registers_the_architecture():
@@ -33,7 +35,7 @@ def test_plugin_entry_point_registers_the_architecture():
     model_plugins.register()  # idempotent
     from transformers import AutoConfig
 
-    from model_plugins.configs import TCLlavaConfig
+    from framewise.model_plugins.configs import TCLlavaConfig
 
     assert AutoConfig.for_model("tc_llava").__class__ is TCLlavaConfig
 
@@ -57,14 +59,14 @@ def test_selfcheck_cli(tmp_path):
 
 def test_demo_model_cli_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "demo"
-    res = run_cli("demo-model", "--arch", "tc-llava", "--out", str(out))
+    res = cli("demo-model", "--arch", "tc-llava", "--out", str(out))
     assert res.returncode == 0, res.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["TCLlavaForConditionalGeneration"]
-    from model_plugins.reference.tc_llava import TCLlavaReference
+    from framewise.model_plugins.reference.tc_llava import TCLlavaReference
 
     TCLlavaReference.from_pretrained(str(out))
-    bad = run_cli("demo-model", "--arch", "nope", "--out", str(tmp_path / "x"))
+    bad = cli("demo-model", "--arch", "nope", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
@@ -79,7 +81,7 @@ def llava_hf_dir(tmp_path_factory):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-    from model_plugins.reference.demo_checkpoint import write_tc_llava
+    from framewise.model_plugins.reference.demo_checkpoint import write_tc_llava
 
     base = tmp_path_factory.mktemp("ckpt")
     tc = base / "tc-src"
@@ -108,12 +110,12 @@ def llava_hf_dir(tmp_path_factory):
 def test_convert_llava_hf_checkpoint(llava_hf_dir, tmp_path):
     from safetensors import safe_open
 
-    from model_plugins.reference.tc_llava import TCLlavaReference
+    from framewise.model_plugins.reference.tc_llava import TCLlavaReference
 
     with safe_open(llava_hf_dir / "model.safetensors", "pt") as f:
         assert any(k.startswith("model.language_model.") for k in f.keys())  # noqa: SIM118 - safe_open  # the new layout
     out = tmp_path / "tc"
-    res = run_cli("convert-llava", "--src", str(llava_hf_dir), "--out", str(out), "--gamma", "0.5")
+    res = cli("convert-llava", "--src", str(llava_hf_dir), "--out", str(out), "--gamma", "0.5")
     assert res.returncode == 0, res.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "tc_llava" and cfg["architectures"] == ["TCLlavaForConditionalGeneration"]
@@ -129,12 +131,13 @@ def test_convert_llava_hf_checkpoint(llava_hf_dir, tmp_path):
     assert torch.isfinite(ref.logits(prep.embeds, prep.spans)).all()
 
 
+@pytest.mark.engine
 def test_converted_checkpoint_in_vllm_matches_reference(llava_hf_dir, tmp_path_factory):
     """vLLM loads the transformers-saved (``model.*``) weights through the plugin's mapper."""
     from transformers import AutoTokenizer
 
-    from model_plugins.convert import llava_to_tc_llava
-    from model_plugins.reference.tc_llava import TCLlavaReference
+    from framewise.model_plugins.convert import llava_to_tc_llava
+    from framewise.model_plugins.reference.tc_llava import TCLlavaReference
     from tests.test_vllm_tc_llava import GREEDY, assert_matches_reference, request
 
     out = llava_to_tc_llava(llava_hf_dir, tmp_path_factory.mktemp("ckpt") / "converted")
@@ -142,7 +145,7 @@ def test_converted_checkpoint_in_vllm_matches_reference(llava_hf_dir, tmp_path_f
     reference = TCLlavaReference.from_pretrained(str(out))
     reqs = [request(tok, "USER: <video>\nWhat happens? ASSISTANT:", videos=[random_video(3, seed=5)]),
             request(tok, "USER: <image>\nWhat is this? ASSISTANT:", images=[random_video(1, seed=6)[0]])]
-    for engine in _engine(out, tmp_path_factory, "converted", enable_prefix_caching=False):
+    for engine in _engine(out, tmp_path_factory, "converted", enable_prefix_caching=False, enforce_eager=True):
         results = engine.generate(reqs, GREEDY)
     for req, result in zip(reqs, results, strict=True):
         assert_matches_reference(result, reference, req)
@@ -195,7 +198,7 @@ def _parts(*items):
 def test_convert_installs_a_chat_template_that_places_video(llava_hf_dir, tmp_path, template, where):
     from transformers import AutoTokenizer
 
-    from model_plugins.convert import llava_to_tc_llava
+    from framewise.model_plugins.convert import llava_to_tc_llava
 
     src = llava_hf_template_checkpoint(llava_hf_dir, tmp_path / "src", template, where)
     source_tok = AutoTokenizer.from_pretrained(src)
@@ -234,8 +237,8 @@ def test_convert_installs_a_chat_template_that_places_video(llava_hf_dir, tmp_pa
 
 
 def test_convert_refuses_a_template_with_no_place_for_video(llava_hf_dir, tmp_path):
-    from model_plugins.chat_template import ChatTemplateError
-    from model_plugins.convert import llava_to_tc_llava
+    from framewise.model_plugins.chat_template import ChatTemplateError
+    from framewise.model_plugins.convert import llava_to_tc_llava
 
     one_image_per_turn = ("{% for message in messages %}USER: <image>\n{{ message['content'][-1]['text'] }} "
                           "{% endfor %}ASSISTANT:")
@@ -248,8 +251,8 @@ def test_convert_rejects_other_model_types(tmp_path):
     src = tmp_path / "qwen"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    res = run_cli("convert-llava", "--src", str(src), "--out", str(tmp_path / "o"))
-    assert res.returncode != 0 and "not llava-hf" in res.stderr
+    res = cli("convert-llava", "--src", str(src), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "not llava-hf" in res.stderr
 
 
 @pytest.mark.engine

@@ -13,8 +13,6 @@ import collections
 import json
 import os
 import random
-import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -22,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model_plugins.convert import qwen_vl_to_red_villm
-from model_plugins.tiktoken_convert import QWEN_VL_SPECIAL_TOKENS, qwen_vl_special_tokens
-from model_plugins.weights import iter_safetensors
-from tests.conftest import ROOT
+from framewise.model_plugins.convert import qwen_vl_to_red_villm
+from framewise.model_plugins.tiktoken_convert import QWEN_VL_SPECIAL_TOKENS, qwen_vl_special_tokens
+from framewise.model_plugins.weights import iter_safetensors
+from tests.conftest import cli
 
 # Qwen-VL's tokenization_qwen.py PAT_STR, verbatim: digits one at a time (GPT-4's pattern takes up to 3)
 QWEN_PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
@@ -109,7 +107,7 @@ def encoding(ranks):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
-    from model_plugins.reference.demo_checkpoint import write_red_villm
+    from framewise.model_plugins.reference.demo_checkpoint import write_red_villm
 
     out = tmp_path_factory.mktemp("rv") / "demo"
     return Path(write_red_villm(str(out), vocab_size=1024))  # room for the test tokenizer's 873 ids
@@ -249,8 +247,8 @@ def test_chat_template_places_qwen_vl_tags(tokenizer, converted, ranks):
 
 
 def test_converted_checkpoint_loads_in_reference_with_source_weights_unchanged(source, converted):
-    from model_plugins.configs.red_villm import RedVillmConfig
-    from model_plugins.reference.red_villm import RedVillmReference
+    from framewise.model_plugins.configs.red_villm import RedVillmConfig
+    from framewise.model_plugins.reference.red_villm import RedVillmReference
 
     ref = RedVillmReference.from_pretrained(str(converted))  # raises on any missing/unexpected key
     src, out = tensors(source), tensors(converted)
@@ -286,13 +284,12 @@ def test_temporal_init_is_seeded(source, converted, tmp_path):
 
 
 def test_cli_mlp2_tokenwise_layout(source, tmp_path):
-    from model_plugins.reference.red_villm import RedVillmReference
+    from framewise.model_plugins.reference.red_villm import RedVillmReference
 
     out = tmp_path / "mlp2"
-    res = subprocess.run([sys.executable, "-m", "server.cli", "convert-qwen-vl", "--src", str(source), "--out", str(out),
+    res = cli("convert-qwen-vl", "--src", str(source), "--out", str(out),
                           "--temporal-module", "mlp2", "--spatial-path", "tokenwise", "--pad-temporal-to", "none",
-                          "--num-frames", "8", "--max-frames", "64", "--seed", "3"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--num-frames", "8", "--max-frames", "64", "--seed", "3")
     assert res.returncode == 0, res.stderr
     new = {k: tuple(v.shape) for k, v in tensors(out).items() if k.startswith(MODULES)}
     assert new == {f"transformer.visual.{m}.{k}": s for m in ("temporal_module", "spatial_module")
@@ -306,7 +303,7 @@ def test_cli_mlp2_tokenwise_layout(source, tmp_path):
 
 
 def test_bin_weights_are_streamed_to_safetensors(demo_dir, ranks, tmp_path):
-    from model_plugins.reference.red_villm import RedVillmReference
+    from framewise.model_plugins.reference.red_villm import RedVillmReference
 
     src = write_source(demo_dir, ranks, tmp_path / "bin-src", weights="bin")
     out = qwen_vl_to_red_villm(src, tmp_path / "bin-out")
@@ -355,17 +352,16 @@ def test_non_qwen_vl_sources_are_refused(source, tmp_path):
     with pytest.raises(ValueError, match="qwen.tiktoken puts <img> at .* but config visual.image_start_id is"):
         qwen_vl_to_red_villm(shifted, tmp_path / "o6")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("o")]  # refused before writing anything
-    res = subprocess.run([sys.executable, "-m", "server.cli", "convert-qwen-vl", "--src", str(llava),
-                          "--out", str(tmp_path / "o5")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = cli("convert-qwen-vl", "--src", str(llava),
+                          "--out", str(tmp_path / "o5"))
     assert res.returncode == 2 and "not Qwen-VL" in res.stderr and not (tmp_path / "o5").exists()
 
 
 def test_demo_model_cli_red_villm(tmp_path):
-    from model_plugins.reference.red_villm import RedVillmReference
+    from framewise.model_plugins.reference.red_villm import RedVillmReference
 
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "server.cli", "demo-model", "--arch", "red-villm", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = cli("demo-model", "--arch", "red-villm", "--out", str(out))
     assert res.returncode == 0, res.stderr
     ref = RedVillmReference.from_pretrained(str(out))
     assert json.loads((out / "config.json").read_text())["architectures"] == ["RedVillmForConditionalGeneration"]

@@ -62,10 +62,10 @@ def _pod_containers(workload: dict) -> list[dict]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_invariants(overlay):
-    from server.jobs.redis_queue import GROUP
-    from server.routers.health import router as health_router
-    from server.settings import Settings
-    from server.worker_http import make_app
+    from framewise.server.jobs.redis_queue import state_keys
+    from framewise.server.routers.health import router as health_router
+    from framewise.server.settings import Settings
+    from framewise.server.worker_http import make_app
 
     docs = render(overlay)
     deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
@@ -116,16 +116,14 @@ def test_overlay_invariants(overlay):
     wspec = deployments["framewise-worker"]["spec"]["template"]["spec"]
     assert wspec["terminationGracePeriodSeconds"] >= float(flag(wk["args"], "--grace-s")) + 5
 
-    # KEDA scales the workers on the stream and group the code uses
+    # KEDA scales the workers on the queued and running sets the code keeps (their SCARD)
     [so] = by_kind(docs, "ScaledObject").values()
     assert so["spec"]["scaleTargetRef"]["name"] == "framewise-worker"
     triggers = so["spec"]["triggers"]
-    assert {t["type"] for t in triggers} == {"redis-streams"}
+    assert {t["type"] for t in triggers} == {"redis"}
     for t in triggers:
-        assert t["metadata"]["stream"] == f"{Settings().redis_prefix}:stream"
-        assert t["metadata"]["consumerGroup"] == GROUP
         assert t["authenticationRef"]["name"] in by_kind(docs, "TriggerAuthentication")
-    assert {"lagCount", "pendingEntriesCount"} <= {k for t in triggers for k in t["metadata"]}
+    assert {t["metadata"]["listName"] for t in triggers} == set(state_keys(Settings().redis_prefix).values())
 
     # images pinned, everything non-root
     for w in workloads.values():
@@ -141,7 +139,7 @@ def test_overlay_invariants(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_args_are_valid_framewise_command_lines(overlay):
     """The args the manifests pass parse with the real CLI; the GPU overlay's vLLM options reach the engine."""
-    from server.cli import build_parser, engine_overrides
+    from framewise.server.cli import build_parser, engine_overrides
 
     deployments = by_kind(render(overlay), "Deployment")
     parser = build_parser(engine_options=True)
@@ -209,7 +207,7 @@ def test_dashboard_and_alerts_use_metrics_the_code_exports():
     """Static half of the check (the Docker test compares with what Prometheus really scraped)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from server.metrics import Metrics
+    from framewise.server.metrics import Metrics
 
     m = Metrics()
     m.requests.labels("/x", "200").inc()

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from server.cli import ENGINE_COMMANDS, build_parser, engine_overrides
-from server.engine import engine_args
-from server.settings import Settings
+from framewise.server.cli import ENGINE_COMMANDS, build_parser, engine_overrides
+from framewise.server.engine import engine_args
+from framewise.server.settings import Settings
 from tests.conftest import ROOT
 
 GPU_FLAGS = ["--tensor-parallel-size", "--gpu-memory-utilization", "--dtype", "--max-num-seqs", "--kv-cache-dtype",
@@ -24,7 +24,7 @@ def _sub(command: str, engine_options: bool = True):
 
 
 def test_help_lists_vllm_engine_options():
-    out = subprocess.run([sys.executable, "-m", "server.cli", "worker", "--help"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "framewise.server.cli", "worker", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     for text in (out.stdout, _sub("serve").format_help()):

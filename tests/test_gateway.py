@@ -1,5 +1,5 @@
-"""The OpenAI-compatible gateway: a real ``framewise serve`` (vLLM engine, demo checkpoint) on a free
-port, driven by the official ``openai`` SDK and plain HTTP; media served from 127.0.0.1."""
+"""The OpenAI-compatible gateway: the session's ``framewise serve`` (tests/stack.py: vLLM engine, demo
+checkpoint), driven by the official ``openai`` SDK and plain HTTP; media served from 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,18 +15,16 @@ import httpx
 import openai
 import pytest
 
-from server.video.synth import write_clip
-from tests.gateway_support import Gateway, MediaServer
+from framewise.server.video.synth import write_clip
+from tests.stack import KEY, MODEL
 
 pytestmark = pytest.mark.engine
 
-MODEL = "tc-llava"
-KEY = "sk-test-framewise"
-
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
+def media(media_origin):
+    folder = media_origin.folder("gateway")
+    d = folder.root
     write_clip(str(d / "h264.mp4"), frames=48, fps=24)
     write_clip(str(d / "vp9.webm"), frames=48, fps=24, codec="libvpx-vp9")
     write_clip(str(d / "mpeg4.avi"), frames=48, fps=24, codec="mpeg4")
@@ -47,20 +45,7 @@ def media(tmp_path_factory):
 
     Image.new("RGB", (64, 48), (200, 10, 10)).save(d / "picture.png")
     (d / "picture_as_video.mp4").write_bytes((d / "picture.png").read_bytes())
-    server = MediaServer(d)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(tc_llava_dir, media, tmp_path_factory):
-    gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("gateway"), api_key=KEY,
-                 allowed_hosts=f"127.0.0.1:{media.port}", env={"FRAMEWISE_QUEUE_KEEPALIVE_S": "0.05"},
-                 args=("--served-model-name", MODEL, "--max-video-mb", "4", "--fetch-timeout-s", "3",
-                       "--max-duration-s", "3600", "--max-upload-mb", "1", "--queue-above-s", "5",
-                       "--allowed-local-media-path", str(media.root)), pin=True)
-    yield gw
-    gw.close()
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +84,7 @@ def test_non_streaming_http_video(client, media):
     assert r.usage.prompt_tokens > 64 and r.usage.model_extra["video_frames"] == 4
     [video] = r.model_extra["framewise"]["media"]
     assert video["frames"] == 4 and video["timestamps"] == pytest.approx([0.25, 0.75, 1.25, 1.75], abs=1e-3)
-    assert video["fetch_ms"] >= 0 and video["decode_ms"] > 0
+    assert video["fetch_ms"] > 0 and video["decode_ms"] > 0 and not video["cache_hit"]  # fetched, decoded
 
 
 def test_streaming_matches_non_streaming(client, media):
@@ -317,7 +302,7 @@ def test_local_files_only_under_the_allowed_path(gateway, media):
     ok = post(gateway, {"model": MODEL, "max_tokens": 2,
                         "messages": video_message(f"file://{media.root}/h264.mp4", num_frames=2)})
     assert ok.status_code == 200
-    for url in ("file:///etc/passwd", f"file://{media.root}/../gateway0/gateway.log"):
+    for url in ("file:///etc/passwd", f"file://{media.root}/../../{gateway.log_path.parent.name}/gateway.log"):
         r = post(gateway, {"model": MODEL, "max_tokens": 2, "messages": video_message(url)})
         assert (r.status_code, r.json()["error"]["code"]) == (400, "url_not_allowed"), url
 
@@ -429,7 +414,9 @@ def test_json_logs_carry_the_request_id(gateway, media):
     chat = _wait_for_entry(gateway, lambda e: e.get("logger") == "framewise.chat"
                            and e.get("completion_id") == r.json()["id"])
     assert chat["request_id"] == "client-trace.42" and chat["outcome"] == "ok" and chat["frames"] == 4
-    assert chat["completion_tokens"] == r.json()["usage"]["completion_tokens"] and chat["decode_ms"] >= 0
+    assert chat["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    [video] = r.json()["framewise"]["media"]  # the log line's times are the request's own
+    assert (chat["fetch_ms"], chat["decode_ms"]) == (video["fetch_ms"], video["decode_ms"]) and chat["fetch_ms"] > 0
     assert {"ts", "level", "msg"} <= chat.keys() and "vllm_process_name" not in chat
     # uvicorn's own access line is replaced by ours (which has the id)
     assert not [e for e in _log_entries(gateway) if e.get("logger") == "uvicorn.access"]

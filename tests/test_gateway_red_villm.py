@@ -24,7 +24,7 @@ QUESTION = "What happens?"
 
 @pytest.fixture(scope="module")
 def red_villm_dir(tmp_path_factory) -> Path:
-    from model_plugins.reference.demo_checkpoint import write_demo_checkpoint
+    from framewise.model_plugins.reference.demo_checkpoint import write_demo_checkpoint
 
     return Path(write_demo_checkpoint("red-villm", str(tmp_path_factory.mktemp("rv-gw") / "red-villm")))
 
@@ -33,7 +33,7 @@ def red_villm_dir(tmp_path_factory) -> Path:
 def media(tmp_path_factory):
     from PIL import Image
 
-    from server.video.synth import write_clip
+    from framewise.server.video.synth import write_clip
     from tests.gateway_support import MediaServer
 
     d = tmp_path_factory.mktemp("rv-media")
@@ -56,7 +56,8 @@ def gateway(red_villm_dir, media, tmp_path_factory):
     rs = RedisServer(work)
     try:
         gw = Gateway(red_villm_dir, work, api_key=API_KEY, allowed_hosts=f"127.0.0.1:{media.port}",
-                     args=("--served-model-name", "red-villm", "--redis-url", rs.url, "--consume"), pin=True)
+                     args=("--served-model-name", "red-villm", "--redis-url", rs.url, "--consume", "--enforce-eager"),
+                     pin=True)
         yield gw
         gw.close()
     finally:
@@ -92,11 +93,11 @@ def test_model_defaults_come_from_the_config(red_villm_dir, tmp_path):
 
     from transformers import AutoConfig, AutoTokenizer
 
-    import model_plugins
-    from server.chat.media import render_prompt
-    from server.engine import model_defaults
-    from server.errors import APIError
-    from server.schemas import ChatCompletionRequest
+    from framewise import model_plugins
+    from framewise.server.chat.media import render_prompt
+    from framewise.server.engine import model_defaults
+    from framewise.server.errors import APIError
+    from framewise.server.schemas import ChatCompletionRequest
     from tests.conftest import variant_checkpoint
 
     model_plugins.register()
@@ -131,6 +132,7 @@ def ask(client, url: str, kind: str = "video_url", options: dict | None = None, 
         max_tokens=8, temperature=0, extra_body={"ignore_eos": True}, **kw)
 
 
+@pytest.mark.engine
 def test_video_defaults_stream_and_token_count(client, media, text_tokens, red_villm_dir):
     """No sampling options: every frame of a 48-frame clip, the config's 100 of a 240-frame one; both
     are 356 visual tokens (the placeholder's 3 tokens become <img> + 356 <imgpad> + </img>); the
@@ -153,6 +155,7 @@ def test_video_defaults_stream_and_token_count(client, media, text_tokens, red_v
     assert four.usage.prompt_tokens == full.usage.prompt_tokens
 
 
+@pytest.mark.engine
 def test_too_many_frames_are_refused(gateway, media):
     body = {"model": "red-villm", "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": media.url("long.mp4"), "num_frames": 101}},
@@ -161,6 +164,7 @@ def test_too_many_frames_are_refused(gateway, media):
     assert r.status_code == 400 and "limit of 100" in r.text
 
 
+@pytest.mark.engine
 def test_image_and_two_videos(client, media, text_tokens):
     picture = ask(client, media.url("picture.png"), kind="image_url")
     assert picture.model_extra["framewise"]["media"][0]["type"] == "image"
@@ -175,6 +179,7 @@ def test_image_and_two_videos(client, media, text_tokens):
     assert both.usage.prompt_tokens == text_tokens("video", "video") + 2 * (356 - 1)
 
 
+@pytest.mark.engine
 def test_long_video_job_on_redis(gateway, client, media):
     """``POST /v1/jobs`` (Redis stream, consumed by the job worker): the 240-frame clip at the config's
     100 frames; the stored result equals the same request answered at once."""

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from server.jobs.base import JobNotFound
-from server.jobs.memory_queue import MemoryJobQueue
-from server.jobs.redis_queue import RedisJobQueue
-from server.jobs.worker import JobWorker
+from framewise.server.jobs.base import JobNotFound
+from framewise.server.jobs.memory_queue import MemoryJobQueue
+from framewise.server.jobs.redis_queue import RedisJobQueue
+from framewise.server.jobs.worker import JobWorker
 from tests.redis_support import RedisServer
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -84,7 +84,7 @@ def test_idempotency_cancel_list_and_ttl(make_queue):
 
 def test_retry_limit_dead_letters_a_poison_job_without_blocking_others(make_queue):
     async def main():
-        q = make_queue(max_attempts=2, visibility_timeout_s=0.3)
+        q = make_queue(max_attempts=2, visibility_timeout_s=2.0)  # a failed attempt is retried after this
         assert await q.dead_letters() == 0
         poison, _ = await q.submit({**REQUEST, "poison": True})
         good, _ = await q.submit(REQUEST)
@@ -116,12 +116,14 @@ def test_reclaimed_job_is_stored_exactly_once(redis_server):
     """A worker that stops heart-beating loses its job; its late result is refused."""
 
     async def main():
-        q1 = RedisJobQueue(redis_server.url, visibility_timeout_s=0.5)
-        q2 = RedisJobQueue(redis_server.url, visibility_timeout_s=0.5)
+        q1 = RedisJobQueue(redis_server.url, visibility_timeout_s=60)
+        q2 = RedisJobQueue(redis_server.url, visibility_timeout_s=60)
         job, _ = await q1.submit(REQUEST)
         stale = await q1.claim("dead-worker", block_s=1)
         assert await q2.claim("w2", block_s=0.1) is None  # still within the visibility timeout
-        await asyncio.sleep(0.7)
+        # the dead worker's entry ages past the visibility timeout (its idle time set, not slept)
+        await q2.r.xclaim(q2.stream, "workers", "dead-worker", 0, [stale.token.rsplit(":", 1)[0]], idle=120_000,
+                          justid=True)
         fresh = await q2.claim("w2", block_s=1)
         assert fresh.job.id == job.id and fresh.token != stale.token
         assert await q2.complete(fresh, {"by": "w2"})

@@ -33,8 +33,8 @@ UPLOAD_LIMIT = UPLOAD_MB * MB + 64 * 1024
 
 SERVER = f"""
 import sys, uvicorn
-from server.app import create_app
-from server.settings import Settings
+from framewise.server.app import create_app
+from framewise.server.settings import Settings
 
 class NoEngine:  # never started: every request here is refused or served before a route needs it
     ready, defaults = True, None

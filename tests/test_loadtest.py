@@ -1,4 +1,4 @@
-"""The locust scenarios against a real ``framewise serve`` (demo checkpoint): a ~20 s headless run through
+"""The locust scenarios against the session's ``framewise serve`` (tests/stack.py): a ~20 s headless run through
 locust's library API (``loadtests.run`` -> ``loadtests.swarm``, a child process: locust monkey-patches the
 standard library with gevent on import) with every scenario tag; all on 127.0.0.1."""
 
@@ -11,11 +11,10 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.gateway_support import Gateway
+from tests.stack import KEY
 
 pytestmark = pytest.mark.engine
 
-KEY = "sk-loadtest"
 # scenario tag -> the locust entries that must have at least one success
 EXPECTED = {
     "stream": ["chat [stream]", "time_to_first_token", "inter_token_latency", "e2e_latency"],
@@ -38,22 +37,17 @@ def _total(metrics: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
-def test_every_scenario_succeeds_under_locust(tc_llava_dir, tmp_path):
+def test_every_scenario_succeeds_under_locust(gateway, loadtest_clip_port, tmp_path):
     tags = list(EXPECTED)  # (importing the locustfile here would monkey-patch this process)
-    # the clip server started by loadtests.run listens on a free loopback port: allow the loopback host
-    gw = Gateway(tc_llava_dir, tmp_path, api_key=KEY, allowed_hosts="127.0.0.1",
-                 args=("--served-model-name", "tc-llava"), pin=True)
-    try:
-        before = gw.metrics()
-        proc = subprocess.run(
-            [sys.executable, "-m", "loadtests.run", "--host", gw.base_url, "--tags", *tags,
-             "--users", str(len(tags)), "--spawn-rate", str(len(tags)), "--run-time", "20",
-             "--clips", "smoke", "--frames", "4", "--max-tokens", "12", "--api-key", KEY, "--out", str(tmp_path),
-             "--name", "smoke"],
-            cwd=ROOT, capture_output=True, text=True, timeout=240)
-        after = gw.metrics()
-    finally:
-        gw.close()
+    gw = gateway  # it allows the clip server's port (tests/stack.py)
+    before = gw.metrics()
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.run", "--host", gw.base_url, "--tags", *tags, "--clip-port",
+         str(loadtest_clip_port), "--users", str(len(tags)), "--spawn-rate", str(len(tags)), "--run-time", "20",
+         "--clips", "smoke", "--frames", "4", "--max-tokens", "12", "--api-key", KEY, "--out", str(tmp_path),
+         "--name", "smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    after = gw.metrics()
     out = proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "smoke_summary.json").read_text())
     assert proc.returncode == 0, out[-3000:]

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from server import logs
+from framewise.server import logs
 
 
 @pytest.fixture

@@ -25,18 +25,17 @@ import psutil
 import pytest
 from PIL import Image
 
-from server.video.decode import DecodeLimits, MediaError, SampledVideo
-from server.video.pool import DecodePool
-from server.video.sampling import FrameSampling
-from server.video.service import FrameCache, VideoService
-from server.video.synth import read_index, write_clip
-from tests.gateway_support import Gateway, MediaServer, RecordingServer
+from framewise.server.video.decode import DecodeLimits, MediaError, SampledVideo
+from framewise.server.video.pool import DecodePool
+from framewise.server.video.sampling import FrameSampling
+from framewise.server.video.service import FrameCache, VideoService
+from framewise.server.video.synth import read_index, write_clip
+from tests.gateway_support import RecordingServer
+from tests.stack import KEY, MODEL
 from tests.test_media_safety import REFUSED, playlists
 
 SEED = 20261129
 PER_FORMAT = 64  # x 5 containers = 320 mutated clips
-MODEL = "tc-llava"
-KEY = "sk-fuzz"
 MEDIA_CODES = {"invalid_video", "unsupported_codec", "video_too_long", "resolution_too_large", "decode_failed",
                "decode_timeout", "invalid_sampling", "invalid_image", "media_too_large"}
 
@@ -175,8 +174,9 @@ def test_corrupted_clips_through_the_decode_service(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fuzz-media")
+def served(media_origin):
+    folder = media_origin.folder("fuzz")
+    d = folder.root
     originals = _clips(d)
     recorder = RecordingServer()
     secret = d / "secret.ts"  # a server-side file that playlists name
@@ -184,23 +184,8 @@ def served(tmp_path_factory):
                     str(secret)], check=True)
     for name, text in playlists(recorder.url, str(secret)).items():
         (d / name).write_text(text)
-    media = MediaServer(d)
-    yield d, originals, media, recorder
-    media.close()
+    yield d, originals, folder, recorder
     recorder.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(tc_llava_dir, served, tmp_path_factory):
-    d, _, media, _ = served
-    work = tmp_path_factory.mktemp("fuzz-gateway")
-    gw = Gateway(tc_llava_dir, work, api_key=KEY, allowed_hosts=f"127.0.0.1:{media.port}",
-                 args=("--served-model-name", MODEL, "--max-video-mb", "4", "--max-upload-mb", "4",
-                       "--fetch-timeout-s", "5", "--decode-timeout-s", "20", "--decode-workers", "2",
-                       "--allowed-local-media-path", str(d)), pin=True, ready_s=600)
-    gw.files_dir = work / "files"
-    yield gw
-    gw.close()
 
 
 def _part(kind: str, url: str) -> dict:
@@ -222,7 +207,7 @@ def _upload(gw, name: str, data: bytes) -> str:
     return r.json()["id"]
 
 
-def _deliver(gw, media: MediaServer, root: Path, how: str, name: str, data: bytes) -> str:
+def _deliver(gw, media, root: Path, how: str, name: str, data: bytes) -> str:
     if how == "url":
         (root / name).write_bytes(data)
         return media.url(name)
@@ -288,9 +273,11 @@ def test_playlists_over_http_are_refused_without_a_fetch(gateway, served):
     assert recorder.hits == []
     # an uploaded concat list naming another upload by its stored name (FFmpeg's safe mode allows a
     # plain relative name): FFmpeg alone would read the other file; the allow-list refuses the list
-    clip_id = _upload(gateway, "clip.mp4", (root / "c.mp4").read_bytes())
-    list_id = _upload(gateway, "list.m3u8", f"ffconcat version 1.0\nfile '{clip_id}.bin'\n".encode())
-    assert (gateway.files_dir / f"{clip_id}.bin").exists()
+    clip = (root / "c.mp4").read_bytes()
+    clip_id = _upload(gateway, "clip.mp4", clip)
+    stored = hashlib.sha256(clip).hexdigest()  # the blob's name, next to the list's own blob (server/media/files.py)
+    list_id = _upload(gateway, "list.m3u8", f"ffconcat version 1.0\nfile '{stored}'\n".encode())
+    assert (gateway.files_dir / "blobs" / stored).exists()
     r = _chat(gateway, list_id)
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_video"), r.text
     assert _chat(gateway, clip_id).status_code == 200
@@ -313,13 +300,3 @@ def test_non_ascii_bearer_tokens_are_401(gateway):
         r = httpx.get(url, headers={"Authorization": value}, timeout=10)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (value, r.text)
     assert httpx.get(url, headers=gateway.headers, timeout=10).status_code == 200
-
-
-@pytest.mark.engine
-def test_no_process_survives_the_gateway(gateway):
-    pids = {gateway.proc.pid} | {c.pid for c in psutil.Process(gateway.proc.pid).children(recursive=True)}
-    assert len(_decode_processes(gateway.proc.pid)) == 2
-    gateway.close()
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=20)
-    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
-    assert _leftovers(gateway) == []

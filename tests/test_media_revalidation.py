@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.media.fetch import strong_validators
-from server.settings import Settings
-from server.video.synth import write_clip
+from framewise.server.app import create_app
+from framewise.server.media.fetch import strong_validators
+from framewise.server.settings import Settings
+from framewise.server.video.synth import write_clip
 from tests.test_pipeline import KEY, MODEL, ScriptedEngine, video_message
 
 

@@ -24,13 +24,13 @@ import pytest
 from fastapi import Depends, FastAPI
 from PIL import Image
 
-from server import deps
-from server.errors import APIError, install_error_handlers
-from server.media.fetch import AddressPolicy, MediaFetcher
-from server.video.decode import DecodeLimits, MediaError, probe, sample_video
-from server.video.sampling import FrameSampling, uniform_indices
-from server.video.service import load_image
-from server.video.synth import read_index, write_clip
+from framewise.server import deps
+from framewise.server.errors import APIError, install_error_handlers
+from framewise.server.media.fetch import AddressPolicy, MediaFetcher
+from framewise.server.video.decode import DecodeLimits, MediaError, probe, sample_video
+from framewise.server.video.sampling import FrameSampling, uniform_indices
+from framewise.server.video.service import load_image
+from framewise.server.video.synth import read_index, write_clip
 from tests.gateway_support import RecordingServer
 
 # ---- SSRF: every refused range, no connect attempt ------------------------------------------------

@@ -1,5 +1,5 @@
-"""The playground page and the ``framewise.return_frames = "thumbnails"`` extension, on a real
-``framewise serve`` (vLLM engine, demo checkpoint) and a real headless Chromium (Debian's
+"""The playground page and the ``framewise.return_frames = "thumbnails"`` extension, on the session's
+``framewise serve`` (tests/stack.py: vLLM engine, demo checkpoint) and a real headless Chromium (Debian's
 ``/usr/bin/chromium`` driven by Playwright; no browser download).
 
 The test clips are square and carry their frame index as a 4 x 2 grid of large black/white blocks (8 bits)
@@ -23,12 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.chat import thumbnails
-from server.video.synth import write_clip
-from tests.gateway_support import Gateway, MediaServer
+from framewise.server.chat import thumbnails
+from framewise.server.video.synth import write_clip
+from tests.stack import KEY, MODEL
 
-MODEL = "tc-llava"
-KEY = "sk-test-playground"
 FPS = 24
 CHROMIUM = "/usr/bin/chromium"
 
@@ -99,30 +97,18 @@ def test_thumbnail_bounds_step_quality_and_cap_count(monkeypatch):
     assert [i.get("thumbnails_omitted") for _, i in items] == [None, 16, 1]
 
 
-# ---- one gateway for the module -------------------------------------------------------------------------
+# ---- clips on the session's media origin --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clips")
+def clips(media_origin):
+    folder = media_origin.folder("playground")
+    d = folder.root
     write_block_clip(d / "blocks.mp4", 48)  # 2 s
     write_block_clip(d / "long.mp4", 150)  # 6.25 s: above --queue-above-s, runs as a job
     write_clip(str(d / "wide.mp4"), frames=24, fps=FPS, width=192, height=120)
     (d / "bad.mp4").write_bytes(os.urandom(20000))
-    server = MediaServer(d)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(tc_llava_dir, clips, tmp_path_factory):
-    gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("gateway"), api_key=KEY,
-                 allowed_hosts=f"127.0.0.1:{clips.port}",
-                 # no keep-alive comment for a minute: a queued stream names its job at once, or never
-                 env={"FRAMEWISE_QUEUE_KEEPALIVE_S": "60"},
-                 args=("--served-model-name", MODEL, "--queue-above-s", "5"), pin=True)
-    yield gw
-    gw.close()
+    return folder
 
 
 def chat(gateway, url: str, stream: bool = False, frames: str | None = "thumbnails", **sampling) -> httpx.Response:

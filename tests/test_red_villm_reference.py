@@ -20,16 +20,16 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model_plugins.configs.red_villm import RedVillmConfig
-from model_plugins.preprocess import CLIP_MEAN, CLIP_STD, qwen_vl_preprocess
-from model_plugins.qwen1 import is_visual, qwen1_state_to_qwen2, qwen1_to_qwen2
-from model_plugins.reference.demo_checkpoint import (
+from framewise.model_plugins.configs.red_villm import RedVillmConfig
+from framewise.model_plugins.preprocess import CLIP_MEAN, CLIP_STD, qwen_vl_preprocess
+from framewise.model_plugins.qwen1 import is_visual, qwen1_state_to_qwen2, qwen1_to_qwen2
+from framewise.model_plugins.reference.demo_checkpoint import (
     build_qwen_vl_tokenizer,
     init_random_,
     red_villm_config,
     write_demo_checkpoint,
 )
-from model_plugins.reference.red_villm import RedVillmReference, VisualAttention, sincos_2d
+from framewise.model_plugins.reference.red_villm import RedVillmReference, VisualAttention, sincos_2d
 
 
 def rng_frames(seed: int, t: int, h: int, w: int) -> np.ndarray:

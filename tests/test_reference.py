@@ -7,9 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model_plugins.configs import TCLlavaConfig
-from model_plugins.preprocess import InvalidMediaError, as_frames, clip_preprocess, load_image_processor_config
-from model_plugins.reference.tc_llava import TCLlavaReference
+from framewise.model_plugins.configs import TCLlavaConfig
+from framewise.model_plugins.preprocess import (
+    InvalidMediaError,
+    as_frames,
+    clip_preprocess,
+    load_image_processor_config,
+)
+from framewise.model_plugins.reference.tc_llava import TCLlavaReference
 from tests.conftest import random_video, variant_checkpoint
 
 PROMPT = "USER: <video>\nWhat happens in this video? ASSISTANT:"

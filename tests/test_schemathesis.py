@@ -1,6 +1,6 @@
 """Property-based API testing: schemathesis against the gateway's own OpenAPI document.
 
-A real ``framewise serve`` (demo model) answers requests generated from ``/openapi.json`` for every
+The session's ``framewise serve`` (tests/stack.py, demo model) answers requests generated from ``/openapi.json`` for every
 operation, valid and invalid ones (positive and negative generation modes), with a fixed seed and a
 bounded number of examples. Every response must be non-5xx, have a documented status code and
 content type, and match the documented schema. Generated requests are only bounded where they would
@@ -26,39 +26,32 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.gateway_support import Gateway
+from tests.stack import MODEL
 
 pytestmark = pytest.mark.engine
 
-MODEL = "tc-llava"
-KEY = "sk-schemathesis"
 EXAMPLES = int(os.environ.get("FW_SCHEMATHESIS_EXAMPLES", 80))  # per operation and mode (positive, negative)
 MIN_REQUESTS = 1000 if EXAMPLES >= 80 else 0  # a smaller run (while debugging) checks conformance only
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
 
 
-@pytest.fixture(scope="module")
-def gateway(tc_llava_dir, tmp_path_factory):
-    gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("schemathesis"), api_key=KEY, allowed_hosts="",
-                 args=("--served-model-name", MODEL, "--max-upload-mb", "1", "--max-video-mb", "1",
-                       "--max-model-len", "2048"), pin=True)
-    yield gw
-    gw.close()
-
-
 def _bounded(case) -> None:
-    """Requests that would run the engine: the served model, at most 2 tokens per choice."""
+    """Requests that would run the engine: the served model, at most 2 tokens per choice, at most 2 choices (a
+    `max_tokens: null` would otherwise generate up to the context length: tens of seconds per request)."""
     body = case.body
     if not isinstance(body, dict) or case.operation.method.upper() != "POST":
         return
     if isinstance(body.get("model"), str):
         body["model"] = MODEL
     for key in ("max_tokens", "max_completion_tokens"):
-        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 2:
+        if key in body and (body[key] is None or (isinstance(body[key], int) and not isinstance(body[key], bool)
+                                                  and body[key] > 2)):
             body[key] = 2
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = 2
+    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
+        body["n"] = 2
     if isinstance(body.get("min_tokens"), int) and not isinstance(body["min_tokens"], bool) and body["min_tokens"] > 1:
         body["min_tokens"] = 1
 

@@ -1,8 +1,8 @@
 """Soak: 1,000 mixed requests through one gateway do not leak memory or file descriptors.
 
 Videos by URL, images, uploads (then a question about the uploaded file) and media that cannot be
-decoded, four at a time, through a real ``framewise serve`` (demo model, ``max_tokens`` 1, frame cache
-on). After a warm-up, the resident memory of the gateway and its decode workers (``/proc/PID/status``)
+decoded, four at a time, through the session's ``framewise serve`` (tests/stack.py: demo model,
+``max_tokens`` 1, frame cache on). After a warm-up, the resident memory of the gateway and its decode workers (``/proc/PID/status``)
 may grow by less than 10 %, and once the clients have gone the gateway's open file descriptors
 (``/proc/PID/fd``) return to their warm baseline.
 """
@@ -19,19 +19,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.video.synth import write_clip
-from tests.gateway_support import Gateway, MediaServer
+from framewise.server.video.synth import write_clip
+from tests.stack import MODEL
 
 pytestmark = pytest.mark.engine
 
-MODEL = "tc-llava"
-KEY = "sk-soak"
 TOTAL, WARMUP, CONCURRENCY = 1000, 150, 4
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("soak-media")
+def media(media_origin):
+    folder = media_origin.folder("soak")
+    d = folder.root
     write_clip(str(d / "a.mp4"), frames=24, fps=24, width=96, height=64)
     write_clip(str(d / "b.webm"), frames=12, fps=12, width=64, height=64, codec="libvpx-vp9")
     write_clip(str(d / "c.mp4"), frames=8, fps=8, width=64, height=48)
@@ -41,17 +40,7 @@ def media(tmp_path_factory):
     full = (d / "a.mp4").read_bytes()
     (d / "truncated.mp4").write_bytes(full[: len(full) // 3])
     (d / "noise.mp4").write_bytes(random.Random(0).randbytes(8000))
-    server = MediaServer(d)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(tc_llava_dir, media, tmp_path_factory):
-    gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("soak"), api_key=KEY, allowed_hosts=f"127.0.0.1:{media.port}",
-                 args=("--served-model-name", MODEL, "--max-upload-mb", "1", "--decode-workers", "2"), pin=True)
-    yield gw
-    gw.close()
+    return folder
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -191,5 +180,5 @@ def test_soak_memory_and_descriptors_stay_flat(gateway, media):
     assert min(kinds.values()) > 100
     assert rss1 < rss0 * 1.10, f"RSS grew from {rss0} to {rss1} kB"
     assert fds1 <= fds0, f"open descriptors {fds0} -> {fds1}"
-    spool = Path(gateway.log_path).parent / "files" / ".spool"
+    spool = gateway.files_dir / ".spool"
     assert not list(spool.iterdir())  # every downloaded or decoded temporary file was removed

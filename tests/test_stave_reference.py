@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model_plugins.convert import qwen2vl_to_stave
-from model_plugins.preprocess import Qwen2VLPixelConfig, qwen2vl_preprocess
-from model_plugins.reference.demo_checkpoint import init_random_, write_stave
-from model_plugins.reference.stave import (
+from framewise.model_plugins.convert import qwen2vl_to_stave
+from framewise.model_plugins.preprocess import Qwen2VLPixelConfig, qwen2vl_preprocess
+from framewise.model_plugins.reference.demo_checkpoint import init_random_, write_stave
+from framewise.model_plugins.reference.stave import (
     StaveReference,
     TemporalAttention,
     mrope_positions,
 )
-from tests.conftest import ROOT
+from tests.conftest import cli
 
 STAVE_KEYS = ("temporal_heads_scale", "temporal_output_layout", "temporal_rope_theta", "fps", "num_frames",
               "max_frames")
@@ -79,7 +77,7 @@ def hf_logits(hf, ids, videos=(), images=()):
 def test_demo_checkpoint_layout(demo_dir):
     from transformers import AutoTokenizer
 
-    from model_plugins.configs import StaveQwen2VLConfig
+    from framewise.model_plugins.configs import StaveQwen2VLConfig
 
     d = demo_dir
     files = set(os.listdir(d))
@@ -131,8 +129,7 @@ def test_demo_checkpoint_layout(demo_dir):
 
 def test_demo_model_cli(tmp_path):
     out = tmp_path / "cli-demo"
-    res = subprocess.run([sys.executable, "-m", "server.cli", "demo-model", "--arch", "stave", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = cli("demo-model", "--arch", "stave", "--out", str(out))
     assert res.returncode == 0, res.stderr
     ref = StaveReference.from_pretrained(str(out))
     assert ref.config.model_type == "stave_qwen2_vl"
@@ -370,7 +367,7 @@ def test_one_block_perturbation_lands_where_the_layout_says(demo_dir, layout):
     the only cross-row path is the temporal sub-layer. ``paper``: at other steps only the merged
     token holding patch n0 changes. ``released``: exactly the rows the authors' write-back sends
     patch n0's trajectory to (rows n0*T' .. n0*T'+T'-1), plus the bumped row itself."""
-    from model_plugins.configs import StaveQwen2VLConfig
+    from framewise.model_plugins.configs import StaveQwen2VLConfig
 
     cfg = StaveQwen2VLConfig.from_pretrained(demo_dir, temporal_output_layout=layout)
     cfg.vision_config.depth = 1
@@ -481,8 +478,7 @@ def test_converter_output_equals_stock(demo_dir, tmp_path, nested_sharded):
     src = _stock_checkpoint(demo_dir, tmp_path / "stock", nested_sharded=nested_sharded)
     before = {f: os.path.getmtime(src / f) for f in os.listdir(src)}
     out = tmp_path / "stave"
-    res = subprocess.run([sys.executable, "-m", "server.cli", "convert-qwen2vl", "--src", str(src), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = cli("convert-qwen2vl", "--src", str(src), "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert {f: os.path.getmtime(src / f) for f in os.listdir(src)} == before  # source untouched
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model_plugins.layers.frame_block_ranges import frame_block_ranges
-from model_plugins.layers.temporal import (
+from framewise.model_plugins.layers.frame_block_ranges import frame_block_ranges
+from framewise.model_plugins.layers.temporal import (
     VisualSpan,
     apply_rope,
     attention_ends,

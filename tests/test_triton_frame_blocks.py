@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bench.triton_frame_blocks import VARIANTS, Request, mask_for, reference
-from model_plugins.layers.temporal import frame_block_causal_mask
+from framewise.model_plugins.layers.temporal import frame_block_causal_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -155,7 +155,7 @@ def test_full_cuda_graphs_only_for_single_token_decode():
     from vllm.config import CUDAGraphMode
     from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder
 
-    from model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockMetadataBuilder
+    from framewise.model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockMetadataBuilder
 
     assert _resolved_cudagraph_mode(TritonAttentionMetadataBuilder, CUDAGraphMode.FULL).mixed_mode() == CUDAGraphMode.FULL
     mode = _resolved_cudagraph_mode(TritonFrameBlockMetadataBuilder, CUDAGraphMode.FULL)

@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from server.media.fetch import AddressPolicy
-from server.video.decode import DecodeLimits, MediaError, probe, sample_video
-from server.video.pool import DecodePool
-from server.video.sampling import FrameSampling, SamplingError, plan_timestamps, uniform_indices
-from server.video.synth import read_index, write_clip
+from framewise.server.media.fetch import AddressPolicy
+from framewise.server.video.decode import DecodeLimits, MediaError, probe, sample_video
+from framewise.server.video.pool import DecodePool
+from framewise.server.video.sampling import FrameSampling, SamplingError, plan_timestamps, uniform_indices
+from framewise.server.video.synth import read_index, write_clip
 
 
 def indices(path, frames=None, *, fps=None, start=None, end=None, max_frames=64, edge=None):

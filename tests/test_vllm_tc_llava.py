@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_plugins.reference.tc_llava import TCLlavaReference
+from framewise.model_plugins.reference.tc_llava import TCLlavaReference
 from tests.conftest import EngineError, _engine, random_video, variant_checkpoint
 
 pytestmark = pytest.mark.engine
@@ -168,7 +168,7 @@ def test_bad_video_is_rejected_before_the_engine(tc_engine, tokenizer, video, me
 def test_plain_config_equals_transformers_llava(plain_engine, plain_llava_dir, tokenizer):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from model_plugins.preprocess import clip_preprocess, load_image_processor_config
+    from framewise.model_plugins.preprocess import clip_preprocess, load_image_processor_config
 
     raw = json.loads((plain_llava_dir / "config.json").read_text())
     hf = LlavaForConditionalGeneration.from_pretrained(
@@ -216,7 +216,7 @@ def pooled_engine(pooled_dir, tmp_path_factory):
     # 96 tokens per step: a 16-frame video (64 tokens) after a long text cannot share a step
     # with it, so the scheduler must move the whole video to the next step (never cut a frame).
     yield from _engine(pooled_dir, tmp_path_factory, "pooled", enable_prefix_caching=False,
-                       max_num_batched_tokens=96)
+                       max_num_batched_tokens=96, enforce_eager=True)
 
 
 def test_fractional_gamma_pooling_and_whole_video_scheduling(pooled_engine, pooled_dir, tokenizer):

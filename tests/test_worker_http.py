@@ -7,8 +7,8 @@ import asyncio
 
 import httpx
 
-from server.metrics import Metrics
-from server.worker_http import WorkerHTTP
+from framewise.server.metrics import Metrics
+from framewise.server.worker_http import WorkerHTTP
 from tests.gateway_support import free_port
 
 

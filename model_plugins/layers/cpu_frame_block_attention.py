@@ -28,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from model_plugins.layers.frame_block_ranges import frame_block_ranges, tokens_per_frame
+from framewise.model_plugins.layers.frame_block_ranges import frame_block_ranges, tokens_per_frame
 
 logger = init_logger(__name__)
 

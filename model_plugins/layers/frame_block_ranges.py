@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from model_plugins.layers.temporal import split_frame_blocks
+from framewise.model_plugins.layers.temporal import split_frame_blocks
 
 
 def tokens_per_frame(vllm_config) -> int:

@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from model_plugins.layers.frame_block_ranges import tokens_per_frame, with_frame_block_ranges
+from framewise.model_plugins.layers.frame_block_ranges import tokens_per_frame, with_frame_block_ranges
 
 
 class TritonFrameBlockMetadataBuilder(TritonAttentionMetadataBuilder):

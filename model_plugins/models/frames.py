@@ -14,7 +14,7 @@ from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
-from model_plugins.preprocess import InvalidMediaError, as_frames, clip_preprocess
+from framewise.model_plugins.preprocess import InvalidMediaError, as_frames, clip_preprocess
 
 
 def frames_to_pixels(hf_data: Mapping[str, object], preprocess: Callable[[torch.Tensor], torch.Tensor],

@@ -12,7 +12,7 @@
   ``vision_layer``: temporal tokens ``temporal_module(pad(X.mean(1)))``, spatial tokens the
   adapter (or ``spatial_module``, ``tokenwise``) on ``X.mean(0)``, concatenated in ``token_order``.
 - LLM: vLLM's Qwen2 decoder on ``config.text_config`` (plain 1-D RoPE); Qwen-1's keys are
-  renamed by ``model_plugins.qwen1``. Loading fails naming every checkpoint key it cannot
+  renamed by ``framewise.model_plugins.qwen1``. Loading fails naming every checkpoint key it cannot
   place and every expected weight the checkpoint lacks.
 """
 
@@ -36,16 +36,16 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 from vllm.sequence import IntermediateTensors
 
-from model_plugins.configs import RedVillmConfig
-from model_plugins.models.frames import (
+from framewise.model_plugins.configs import RedVillmConfig
+from framewise.model_plugins.models.frames import (
     FramesDummyInputsBuilder,
     FramesMultiModalProcessor,
     FramesProcessingInfo,
     frames_to_pixels,
     pixels_per_item,
 )
-from model_plugins.preprocess import clip_normalize, qwen_vl_resize
-from model_plugins.qwen1 import is_visual, qwen1_to_qwen2
+from framewise.model_plugins.preprocess import clip_normalize, qwen_vl_resize
+from framewise.model_plugins.qwen1 import is_visual, qwen1_to_qwen2
 
 VISUAL_PREFIX = "transformer.visual."
 LN_EPS = 1e-6  # every LayerNorm of Qwen-VL's visual module

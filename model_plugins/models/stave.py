@@ -62,8 +62,8 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_regist
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
-from model_plugins.configs import StaveQwen2VLConfig  # noqa: E402
-from model_plugins.preprocess import (  # noqa: E402
+from framewise.model_plugins.configs import StaveQwen2VLConfig  # noqa: E402
+from framewise.model_plugins.preprocess import (  # noqa: E402
     InvalidMediaError,
     Qwen2VLPixelConfig,
     as_frames,

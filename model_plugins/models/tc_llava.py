@@ -39,22 +39,22 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
-from model_plugins.configs import TCLlavaConfig
-from model_plugins.layers.temporal import (
+from framewise.model_plugins.configs import TCLlavaConfig
+from framewise.model_plugins.layers.temporal import (
     VisualSpan,
     apply_rope,
     rope_cos_sin,
     rope_inv_freq,
     shifted_position_rows,
 )
-from model_plugins.models.frames import (
+from framewise.model_plugins.models.frames import (
     FramesDummyInputsBuilder,
     FramesMultiModalProcessor,
     FramesProcessingInfo,
     frames_placeholder,
     pixels_per_item,
 )
-from model_plugins.preprocess import load_image_processor_config
+from framewise.model_plugins.preprocess import load_image_processor_config
 
 # ----------------------------------------------------------------------------------------
 # Multimodal processing (front-end process)
@@ -106,11 +106,11 @@ def frame_block_backend(settings: TemporalSettings):
     if not settings.frame_block_mask:
         return None  # plain causal: the platform's default backend
     if current_platform.is_cpu():
-        from model_plugins.layers.cpu_frame_block_attention import CPUFrameBlockAttentionBackend
+        from framewise.model_plugins.layers.cpu_frame_block_attention import CPUFrameBlockAttentionBackend
 
         return CPUFrameBlockAttentionBackend
     if current_platform.is_cuda_alike():
-        from model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockAttentionBackend
+        from framewise.model_plugins.layers.gpu_frame_block_attention import TritonFrameBlockAttentionBackend
 
         return TritonFrameBlockAttentionBackend
     raise NotImplementedError(f"frame_block_mask is not implemented on {current_platform.device_name}")

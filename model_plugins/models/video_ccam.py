@@ -24,16 +24,16 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.sequence import IntermediateTensors
 
-from model_plugins.configs import VideoCCAMConfig
-from model_plugins.layers.ccam import CCAMProjector
-from model_plugins.models.frames import (
+from framewise.model_plugins.configs import VideoCCAMConfig
+from framewise.model_plugins.layers.ccam import CCAMProjector
+from framewise.model_plugins.models.frames import (
     FramesDummyInputsBuilder,
     FramesMultiModalProcessor,
     FramesProcessingInfo,
     frames_placeholder,
     pixels_per_item,
 )
-from model_plugins.preprocess import ImageProcessorConfig, load_image_processor_config
+from framewise.model_plugins.preprocess import ImageProcessorConfig, load_image_processor_config
 
 
 class VideoCCAMProcessingInfo(FramesProcessingInfo):

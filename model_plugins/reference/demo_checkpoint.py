@@ -16,7 +16,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from model_plugins.chat_template import LLAVA_15_CHAT_TEMPLATE
+from framewise.model_plugins.chat_template import LLAVA_15_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 
@@ -83,7 +83,7 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
 
 
 def tc_llava_config(tokenizer, *, vocab_size: int | None = None, **overrides):
-    from model_plugins.configs import TCLlavaConfig
+    from framewise.model_plugins.configs import TCLlavaConfig
 
     vocab = vocab_size or len(tokenizer)
     cfg = dict(
@@ -122,8 +122,8 @@ def tc_llava_config(tokenizer, *, vocab_size: int | None = None, **overrides):
 def write_tc_llava(out_dir: str, *, seed: int = 0, video_token: bool = True, vocab_size: int | None = None,
                    **config_overrides) -> str:
     """Write a tiny random TC-LLaVA checkpoint to ``out_dir`` (atomically) and return it."""
-    from model_plugins.preprocess import ImageProcessorConfig
-    from model_plugins.reference.tc_llava import TCLlavaReference
+    from framewise.model_plugins.preprocess import ImageProcessorConfig
+    from framewise.model_plugins.reference.tc_llava import TCLlavaReference
 
     tokenizer = build_tokenizer(video_token=video_token)
     config = tc_llava_config(tokenizer, vocab_size=vocab_size, **config_overrides)
@@ -170,7 +170,7 @@ def save_checkpoint(out_dir: str, config, tokenizer, model: torch.nn.Module, ipc
 
 
 def video_ccam_config(tokenizer, **overrides):
-    from model_plugins.configs import VideoCCAMConfig
+    from framewise.model_plugins.configs import VideoCCAMConfig
 
     cfg = dict(
         architectures=["VideoCCAM"],
@@ -203,8 +203,8 @@ def video_ccam_config(tokenizer, **overrides):
 
 def write_video_ccam(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
     """A tiny random Video-CCAM checkpoint in the v1.2 layout."""
-    from model_plugins.preprocess import ImageProcessorConfig
-    from model_plugins.reference.video_ccam import VideoCCAMReference
+    from framewise.model_plugins.preprocess import ImageProcessorConfig
+    from framewise.model_plugins.reference.video_ccam import VideoCCAMReference
 
     tokenizer = build_tokenizer()
     config = video_ccam_config(tokenizer, **config_overrides)
@@ -265,7 +265,7 @@ def build_qwen2vl_tokenizer(vocab_size: int = 600):
 
 
 def qwen2vl_preprocessor_config(min_pixels: int = 3136, max_pixels: int = 200704) -> dict:
-    from model_plugins.preprocess import CLIP_MEAN, CLIP_STD
+    from framewise.model_plugins.preprocess import CLIP_MEAN, CLIP_STD
 
     return {
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
@@ -279,7 +279,7 @@ def qwen2vl_preprocessor_config(min_pixels: int = 3136, max_pixels: int = 200704
 
 
 def stave_config(tokenizer, **overrides):
-    from model_plugins.configs import StaveQwen2VLConfig
+    from framewise.model_plugins.configs import StaveQwen2VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
     cfg = dict(
@@ -311,7 +311,7 @@ def write_stave(out_dir: str, *, seed: int = 0, zero_temporal_proj: bool = False
     (``visual.*``, ``model.*``, ``lm_head.*``) plus ``visual.blocks.{i}.{norm3,temp_attn.*}``.
     Temporal weights are random too, unless ``zero_temporal_proj``: then ``temp_attn.proj`` is
     zero and the model is plain Qwen2-VL."""
-    from model_plugins.reference.stave import StaveReference, to_original_qwen2vl_keys
+    from framewise.model_plugins.reference.stave import StaveReference, to_original_qwen2vl_keys
 
     tokenizer = build_qwen2vl_tokenizer()
     config = stave_config(tokenizer, **config_overrides)
@@ -346,7 +346,7 @@ def build_qwen_vl_tokenizer(vocab_size: int = 600):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
+    from framewise.model_plugins.chat_template import QWEN_VL_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -365,7 +365,7 @@ def build_qwen_vl_tokenizer(vocab_size: int = 600):
 
 def red_villm_config(tokenizer, **overrides):
     """A tiny ``red_villm`` config; ``visual`` overrides merge into the tiny vision defaults."""
-    from model_plugins.configs.red_villm import RedVillmConfig
+    from framewise.model_plugins.configs.red_villm import RedVillmConfig
 
     ids = tokenizer.convert_tokens_to_ids
     visual = dict(heads=4, image_size=448, image_start_id=ids("<img>"), layers=2, mlp_ratio=2.0,
@@ -388,7 +388,7 @@ def write_red_villm(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
     """A tiny random RED-VILLM checkpoint in Qwen-VL's layout (``transformer.*``, ``lm_head.*``) plus
     ``transformer.visual.temporal_module.*`` (and ``spatial_module.*`` for ``spatial_path=tokenwise``).
     Every RED-VILLM config key can be overridden; the adapter's ``pos_embed`` keeps its sin-cos table."""
-    from model_plugins.reference.red_villm import RedVillmReference, sincos_2d
+    from framewise.model_plugins.reference.red_villm import RedVillmReference, sincos_2d
 
     tokenizer = build_qwen_vl_tokenizer()
     config = red_villm_config(tokenizer, **config_overrides)

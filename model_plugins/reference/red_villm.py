@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_plugins.configs.red_villm import RedVillmConfig
-from model_plugins.preprocess import qwen_vl_preprocess
-from model_plugins.reference.stave import apply_rope_fp32, load_checkpoint_tensors, rope_inv_freq
+from framewise.model_plugins.configs.red_villm import RedVillmConfig
+from framewise.model_plugins.preprocess import qwen_vl_preprocess
+from framewise.model_plugins.reference.stave import apply_rope_fp32, load_checkpoint_tensors, rope_inv_freq
 
 FRAME_CHUNK = 16  # frames per ViT batch (bounds the attention memory at 448 px)
 

@@ -36,8 +36,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from model_plugins.configs import StaveQwen2VLConfig
-from model_plugins.preprocess import Qwen2VLPixelConfig, as_frames, load_qwen2vl_pixel_config, qwen2vl_preprocess
+from framewise.model_plugins.configs import StaveQwen2VLConfig
+from framewise.model_plugins.preprocess import (
+    Qwen2VLPixelConfig,
+    as_frames,
+    load_qwen2vl_pixel_config,
+    qwen2vl_preprocess,
+)
 
 # ---- checkpoint key layouts -----------------------------------------------------------------
 

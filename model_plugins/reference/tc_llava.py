@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionModel
 
-from model_plugins.configs import TCLlavaConfig
-from model_plugins.layers.temporal import (
+from framewise.model_plugins.configs import TCLlavaConfig
+from framewise.model_plugins.layers.temporal import (
     VisualSpan,
     apply_rope,
     frame_block_causal_mask,
@@ -28,7 +28,7 @@ from model_plugins.layers.temporal import (
     rope_inv_freq,
     rotary_positions,
 )
-from model_plugins.preprocess import (
+from framewise.model_plugins.preprocess import (
     ImageProcessorConfig,
     as_frames,
     clip_preprocess,

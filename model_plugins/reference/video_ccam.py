@@ -10,11 +10,16 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, SiglipVisionModel
 
-from model_plugins.configs import VideoCCAMConfig
-from model_plugins.layers.ccam import CCAMProjector
-from model_plugins.preprocess import ImageProcessorConfig, as_frames, clip_preprocess, load_image_processor_config
-from model_plugins.reference.tc_llava import PreparedPrompt
-from model_plugins.weights import iter_safetensors, load_streamed
+from framewise.model_plugins.configs import VideoCCAMConfig
+from framewise.model_plugins.layers.ccam import CCAMProjector
+from framewise.model_plugins.preprocess import (
+    ImageProcessorConfig,
+    as_frames,
+    clip_preprocess,
+    load_image_processor_config,
+)
+from framewise.model_plugins.reference.tc_llava import PreparedPrompt
+from framewise.model_plugins.weights import iter_safetensors, load_streamed
 
 
 class VisionEncoder(nn.Module):

@@ -1,18 +1,34 @@
 """The chat pipeline: prepare media -> generate -> stream or collect -> OpenAI JSON.
 
-The HTTP route (:mod:`server.routers.chat`, a thin adapter) and the job worker (:func:`run_chat_job`)
-run every chat completion through here, so both give the same completion object (``n`` choices,
-logprobs, usage, ``framewise.media``), the same error codes and the same timeout:
+The HTTP route (:mod:`framewise.server.routers.chat`) hands a request to :func:`respond`, which returns the whole
+answer: a JSON completion, a server-sent-event stream, or -- when a video is long (the :class:`LongVideo`
+decision :func:`prepare` returns) -- the completion of a job it queued. The job worker (:func:`run_chat_job`)
+runs the same pipeline, so both give the same completion object (``n`` choices, logprobs, usage,
+``framewise.media``) and the same error codes:
 
 - ``request_timeout_s`` bounds a request from its arrival: media fetch, a decode waiting for a pool
-  worker, decoding, generation, and a completion queued as a job. Past it: 504 ``timeout``, and the
-  engine request is aborted (a queued completion's job is cancelled, which aborts it).
+  worker, decoding, generation. Past it: 504 ``timeout``, and the engine request is aborted.
+- a client that disconnects while its media is fetched or decoded, or while it is generated, cancels
+  that work (the fetch, the decode, the engine request).
 - what the engine reports is classified, never passed off as a finished choice: ``finish_reason``
   "abort" (the engine aborted the request; the client and the timeout are handled before) -> 503
   ``request_aborted``; "error" or a failed generate -> 500 ``engine_error``; a dead engine core
-  -> 503 ``engine_dead``; vLLM refusing the input -> 400.
+  -> 503 ``engine_dead`` (and the process goes away: server/lifecycle.py); vLLM refusing the input -> 400.
 - once a stream has begun, an error is one ``data: {"error": ...}`` event and the stream ends
   without ``[DONE]``.
+
+**Queued completions** (a long video): the connection waits for the job, up to ``queued_wait_s`` from the
+moment it is queued. A job is cancelled only by ``DELETE /v1/jobs/{id}`` or by its client leaving (the JSON
+request's connection closes, the stream's client disconnects). Anything else ends the *wait*, never the
+job, with an error object that names it -- ``"job_id"`` next to ``code``, a ``Location: /v1/jobs/{id}``
+header and ``x-should-retry: false`` (the OpenAI SDKs do not resubmit: that would run the video again) --
+so the client polls ``GET /v1/jobs/{id}`` for the result:
+
+- ``503 gateway_shutdown``: this gateway is shutting down (SIGTERM, a rolling deploy) or its engine died;
+- ``504 timeout``: ``queued_wait_s`` passed;
+- ``503 queue_unavailable``: the job store stopped answering while the client waited.
+
+A stream sends the same error object as its final ``data: {"error": ...}`` event.
 """
 
 from __future__ import annotations
@@ -22,13 +38,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response
 from vllm.exceptions import VLLMClientError, VLLMServerError
 
-from server.chat.media import LongVideo, Prepared, prepare
-from server.chat.responses import (
+from framewise.server.chat.media import LongVideo, MediaRun, Prepared, prepare
+from framewise.server.chat.responses import (
     CompletionIds,
     chunk,
     delta_choice,
@@ -37,15 +57,19 @@ from server.chat.responses import (
     result_chunks,
     usage_of,
 )
-from server.errors import APIError
-from server.jobs.base import Job
-from server.schemas import ChatCompletionRequest
+from framewise.server.deps import check_model, require_api_key
+from framewise.server.errors import APIError
+from framewise.server.jobs.base import Job, QueueUnavailable, is_final_event
+from framewise.server.schemas import ChatCompletionRequest
+from framewise.server.tenants import Tenant
 
-__all__ = ["ChatRun", "EngineFailure", "LongVideo", "check_model", "collect", "deadline", "queue",
-           "queued_completion", "run_chat_job", "start", "stream", "stream_queued"]
+__all__ = ["ChatRun", "EngineFailure", "LongVideo", "check_model", "collect", "deadline", "job_pending", "queue",
+           "queued_completion", "respond", "run_chat_job", "start", "stream", "stream_queued"]
 
 log = logging.getLogger("framewise.chat")
 Report = Callable[[dict], Awaitable[None]]
+T = TypeVar("T")
+STAGED_KEY = "_framewise_staged"  # in a queued completion's job request: bytes the gateway staged (server/chat/media.py)
 
 # failures on the server's side: logged as errors; a job that meets one is retried
 ENGINE_FAILURES = ("engine_dead", "engine_error", "request_aborted")
@@ -58,11 +82,6 @@ class EngineFailure(RuntimeError):
     def __init__(self, e: APIError):
         super().__init__(f"{e.code}: {e.message}")
         self.code, self.status = e.code, e.status
-
-
-def check_model(services, body: ChatCompletionRequest) -> None:
-    if body.model != services.settings.model_name:
-        raise APIError(404, "model_not_found", f"the model {body.model!r} does not exist", "model")
 
 
 def deadline(settings) -> float:
@@ -178,6 +197,7 @@ class ChatRun:
             from vllm.v1.engine.exceptions import EngineDeadError  # loaded with the engine: cheap here
 
             if isinstance(e, EngineDeadError):
+                self.services.check_engine("EngineDeadError")  # at once, not at the watcher's next look
                 raise APIError(503, "engine_dead", "the inference engine died during the request; retry later"
                                ) from None
             raise APIError(500, "engine_error", f"the inference engine failed: {type(e).__name__}") from None
@@ -230,19 +250,22 @@ class ChatRun:
             "ms": round((time.perf_counter() - self.started) * 1000, 1)})
 
 
-async def start(services, body: ChatCompletionRequest, *, deadline: float | None = None, route_long: bool = False,
-                request_prefix: str | None = None, cancelled: str = "client_disconnected") -> ChatRun:
-    """Prepare the media (within ``deadline``, 504 past it): a run ready to generate. With ``route_long``,
-    raises :class:`LongVideo` for a video long enough to run as a job (:func:`queue`)."""
+async def start(services, body: ChatCompletionRequest, *, deadline: float | None = None,
+                media: MediaRun | None = None, request_prefix: str | None = None,
+                cancelled: str = "client_disconnected") -> ChatRun | LongVideo:
+    """Prepare the media (within ``deadline``, 504 past it): a run ready to generate, or -- with
+    ``media.route_long`` -- the decision that a video is long enough to run as a job (:func:`queue`)."""
     started = time.perf_counter()
     timer = asyncio.timeout_at(deadline)
     try:
         async with timer:
-            prepared = await prepare(services, body, route_long=route_long)
+            prepared = await prepare(services, body, media)
     except TimeoutError:
         if not timer.expired():
             raise
         raise timeout_error(services.settings) from None
+    if isinstance(prepared, LongVideo):
+        return prepared
     return ChatRun(services, body, prepared, deadline=deadline, started=started, request_prefix=request_prefix,
                    cancelled=cancelled)
 
@@ -302,18 +325,89 @@ async def stream(run: ChatRun, include_usage: bool, on_close: Callable[[], None]
             on_close()
 
 
+# ---- the HTTP answer -----------------------------------------------------------------------------
+
+
+async def respond(services, body: ChatCompletionRequest, request: Request, slot) -> Response:
+    """The answer to ``POST /v1/chat/completions``: JSON, a stream, or a queued completion's. ``slot`` (the
+    admission slot, server/admission.py) is released when the work allows: a long video's job queued (this
+    connection only waits), a stream closed, the answer sent."""
+    try:
+        tenant = require_api_key(request, services)  # (authenticated already: the tenant the route saw)
+        check_model(services, body.model)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        media = MediaRun(route_long=True, owner=tenant.scope, tenant=tenant.name)
+        plan = await _unless_client_leaves(request, start(services, body, deadline=deadline(services.settings),
+                                                          media=media))
+    except BaseException:
+        slot.release()
+        raise
+    if isinstance(plan, LongVideo):
+        slot.release()  # the job queue does the work
+        job = await queue(services, body, plan, tenant)
+        until = asyncio.get_running_loop().time() + services.settings.queued_wait_s
+        if body.stream:
+            return _sse(stream_queued(services, job, until, include_usage))
+        return JSONResponse(await _unless_client_leaves(request, queued_completion(services, job.id, until)))
+    if body.stream:
+        return _sse(stream(plan, include_usage, on_close=slot.release))
+    try:
+        return JSONResponse(await _unless_client_leaves(request, collect(plan)))
+    finally:
+        slot.release()
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the ASGI server reports the client disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled (a fetch, a decode,
+    the engine request; a queued completion's job) and the answer is 499."""
+    task = asyncio.create_task(work)
+    watcher = asyncio.create_task(_client_gone(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            raise APIError(499, "client_disconnected", "the client closed the connection")
+        return task.result()
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
 # ---- a completion whose video is long runs as a job; the client still gets a completion -------------
 
 
-async def queue(services, body: ChatCompletionRequest) -> Job:
-    job, _ = await services.jobs.submit(body.model_dump(exclude_none=True))
-    log.info("long video: chat completion runs as a job", extra={"job_id": job.id, "stream": bool(body.stream)})
+async def queue(services, body: ChatCompletionRequest, decision: LongVideo | None = None,
+                tenant: Tenant | None = None) -> Job:
+    """Submit a completion as a job of ``tenant`` (counted against its job quota: 429 when it is full)."""
+    request = body.model_dump(exclude_none=True)
+    if decision is not None and decision.staged:
+        request[STAGED_KEY] = decision.staged
+    owner = tenant.name if tenant is not None else "default"
+    try:
+        job, _ = await services.jobs.submit(request, owner=owner, max_active=tenant.limits.jobs if tenant else 0)
+    except BaseException:
+        _unstage(services, request.get(STAGED_KEY) or {}, owner)
+        raise
+    log.info("long video: chat completion runs as a job", extra={
+        "job_id": job.id, "stream": bool(body.stream), "reason": decision.reason if decision else None,
+        "staged": bool(decision and decision.staged)})
     return job
 
 
 async def _final(services, job_id: str) -> Job:
     async for _, event in services.jobs.events(job_id):
-        if event.get("stage") in ("done", "failed", "cancelled"):
+        if is_final_event(event):
             break
     return await services.jobs.get(job_id)
 
@@ -323,52 +417,116 @@ def job_result(job: Job) -> dict:
     if job.status == "succeeded":
         return {**job.result, "framewise": {**job.result.get("framewise", {}), "job_id": job.id}}
     err = job.error or {"code": "cancelled", "status": 499, "message": "the job was cancelled"}
-    raise APIError(err.get("status", 500), err["code"], err["message"], "messages")
+    raise APIError(err.get("status", 500), err["code"], err["message"], "messages", extra={"job_id": job.id})
 
 
-async def queued_completion(services, job_id: str, deadline: float | None) -> dict:
-    """Wait for a queued completion's job: its completion object. The job is cancelled (which aborts its
-    engine request) when the wait ends early: the deadline (504) or the caller cancelling."""
-    timer = asyncio.timeout_at(deadline)
+_PENDING = {
+    "gateway_shutdown": (503, "this gateway is shutting down"),
+    "timeout": (504, "the completion took longer than queued_wait_s ({wait:g} s)"),
+    "queue_unavailable": (503, "the job queue stopped answering"),
+}
+
+
+def job_pending(job_id: str, why: str, settings) -> APIError:
+    """The end of a wait on a queued completion whose job runs on (module doc): names the job to poll."""
+    status, what = _PENDING[why]
+    headers = {"Location": f"/v1/jobs/{job_id}", "x-should-retry": "false"}
+    if why == "queue_unavailable":
+        headers["Retry-After"] = str(QueueUnavailable.RETRY_AFTER_S)
+    return APIError(status, why, f"{what.format(wait=settings.queued_wait_s)}; the completion runs on as job "
+                                 f"{job_id}: GET /v1/jobs/{job_id} for its result", extra={"job_id": job_id},
+                    headers=headers)
+
+
+@dataclass
+class _JobWait:
+    """Waiting for a queued completion's job, ``until`` (loop time) at most; ended early by this gateway's
+    shutdown when the queue is shared (Redis: a worker elsewhere runs the job on). The in-process queue's jobs
+    run in this process: the wait goes on through the drain (the job may finish in it)."""
+
+    services: Any
+    job_id: str
+    until: float
+    _tasks: list[asyncio.Future] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.waiter = asyncio.ensure_future(_final(self.services, self.job_id))
+        self._tasks = [self.waiter]
+        self.stopping = None
+        if self.services.settings.redis_url:
+            self.stopping = asyncio.ensure_future(self.services.lifecycle.stopping.wait())
+            self._tasks.append(self.stopping)
+
+    async def next(self, tick: float | None = None) -> Job | APIError | None:
+        """The finished job; or the error that ends the wait (:func:`job_pending`); or None after ``tick`` s."""
+        loop = asyncio.get_running_loop()
+        left = self.until - loop.time()
+        if left > 0:
+            await asyncio.wait(self._tasks, timeout=left if tick is None else min(left, tick),
+                               return_when=asyncio.FIRST_COMPLETED)
+        if self.waiter.done():
+            try:
+                return self.waiter.result()
+            except QueueUnavailable:
+                return job_pending(self.job_id, "queue_unavailable", self.services.settings)
+        if self.stopping is not None and self.stopping.done():
+            return job_pending(self.job_id, "gateway_shutdown", self.services.settings)
+        if loop.time() >= self.until:
+            return job_pending(self.job_id, "timeout", self.services.settings)
+        return None
+
+    async def end(self, cancelled: bool) -> None:
+        """Stop waiting. ``cancelled`` (the waiting task was cancelled): the client left -- cancel the job --
+        unless the gateway is shutting down (uvicorn cancelling what outlived the drain): jobs outlive gateways."""
+        for t in self._tasks:
+            t.cancel()
+        if cancelled and not self.services.lifecycle.shutting_down:
+            log.info("the client of a queued completion left: cancelling its job", extra={"job_id": self.job_id})
+            with contextlib.suppress(Exception):
+                await self.services.jobs.cancel(self.job_id)
+
+
+async def queued_completion(services, job_id: str, until: float) -> dict:
+    """Wait for a queued completion's job: its completion object, or the error that ended the wait (module
+    doc). Cancelled (the client left): the job is cancelled, which aborts its engine request."""
+    wait = _JobWait(services, job_id, until)
+    cancelled = False
     try:
-        async with timer:
-            job = await _final(services, job_id)
-    except BaseException as e:
-        with contextlib.suppress(Exception):
-            await services.jobs.cancel(job_id)
-        if isinstance(e, TimeoutError) and timer.expired():
-            raise timeout_error(services.settings) from None
+        outcome = await wait.next()
+    except asyncio.CancelledError:
+        cancelled = True
         raise
-    return job_result(job)
+    finally:
+        await wait.end(cancelled)
+    if isinstance(outcome, APIError):
+        raise outcome
+    return job_result(outcome)
 
 
-async def stream_queued(services, job: Job, deadline: float | None, include_usage: bool) -> AsyncIterator[str]:
+async def stream_queued(services, job: Job, until: float, include_usage: bool) -> AsyncIterator[str]:
     """A queued completion as a stream: ``: queued`` keep-alive comments while the job waits or runs, then
-    its result replayed as chunks (or an error event). Leaving early cancels the job."""
-    loop, keepalive = asyncio.get_running_loop(), services.settings.queue_keepalive_s
-    waiter = asyncio.create_task(_final(services, job.id))
-    final = None
+    its result replayed as chunks, or an error event (module doc). The client leaving cancels the job."""
+    keepalive = services.settings.queue_keepalive_s
+    wait = _JobWait(services, job.id, until)
+    cancelled = False
     try:
         yield f": queued as {job.id}, status {job.status}\n\n"  # at once: a client can follow the job's events
-        while not waiter.done():
-            left = keepalive if deadline is None else deadline - loop.time()
-            if left <= 0:
-                break
-            done, _ = await asyncio.wait({waiter}, timeout=min(keepalive, left))
-            if not done:
-                yield f": queued as {job.id}, status {(await services.jobs.get(job.id)).status}\n\n"
-        if waiter.done():
-            final = waiter.result()
+        while (outcome := await wait.next(keepalive)) is None:
+            try:
+                status = (await services.jobs.get(job.id)).status
+            except QueueUnavailable:
+                status = "unknown (the job queue does not answer)"
+            yield f": queued as {job.id}, status {status}\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client left (Starlette cancels, or closes us)
+        cancelled = True
+        raise
     finally:
-        if final is None:
-            waiter.cancel()
-            with contextlib.suppress(Exception):
-                await services.jobs.cancel(job.id)
-    if final is None:
-        yield error_event(timeout_error(services.settings))
+        await wait.end(cancelled)
+    if isinstance(outcome, APIError):
+        yield error_event(outcome)
         return
     try:
-        result = job_result(final)
+        result = job_result(outcome)
     except APIError as e:
         yield error_event(e)
         return
@@ -380,16 +538,28 @@ async def run_chat_job(services, job: Job, report: Report) -> dict:
     """A job (``POST /v1/jobs`` or a queued completion): the same pipeline, with progress events
     fetching -> decoding -> generating (tokens) (the queue adds done). A client error fails the job with
     the code the synchronous API gives; an engine failure is raised as :class:`EngineFailure` (retried).
-    Not bounded by ``request_timeout_s``: a queued completion's wait is, and cancels the job."""
+    Media: a job-sized fetch timeout, transient fetch failures retried, bytes the gateway staged used as they
+    are. Not bounded by ``request_timeout_s``."""
     body = ChatCompletionRequest.model_validate({**job.request, "stream": False})
-    check_model(services, body)
+    check_model(services, body.model)
+    staged = dict(job.request.get(STAGED_KEY) or {})
     await report({"stage": "fetching"})
     try:
-        run = await start(services, body, request_prefix=job.id, cancelled="cancelled")  # never re-routed
+        media = MediaRun(job=True, staged=staged, owner=job.owner, tenant=job.owner)  # the owner's files only
+        run = await start(services, body, media=media, request_prefix=job.id,
+                          cancelled="cancelled")  # never re-routed
         frames = run.prepared.video_frames
         await report({"stage": "decoding", "frames_done": frames, "frames_total": frames})
-        return await collect(run, progress=report)
+        result = await collect(run, progress=report)
     except APIError as e:
         if e.code in ENGINE_FAILURES:
             raise EngineFailure(e) from e
+        _unstage(services, staged, job.owner)  # the job ends failed
         raise
+    _unstage(services, staged, job.owner)
+    return result
+
+
+def _unstage(services, staged: dict[str, str], owner: str) -> None:
+    for file_id in staged.values():
+        services.files.unstage(file_id, owner)

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from server.errors import APIError, error_body
+from framewise.server.errors import APIError
 
 
 class CompletionIds:
@@ -58,7 +58,7 @@ def delta_choice(index: int, delta: dict, finish_reason=None, logprobs=None) -> 
 def error_event(e: APIError) -> str:
     """An error after the stream has begun: one ``data: {"error": ...}`` event, then the stream ends
     without ``[DONE]`` (the OpenAI SDKs raise ``APIError`` on such an event)."""
-    return f"data: {json.dumps(error_body(e.status, e.code, e.message, e.param))}\n\n"
+    return f"data: {json.dumps(e.body())}\n\n"
 
 
 def result_chunks(result: dict, include_usage: bool, extra: dict | None = None) -> Iterator[str]:

@@ -39,7 +39,7 @@ def model_view(model_dir: str):
     try:
         from transformers import AutoConfig
 
-        from model_plugins.preprocess import load_image_processor_config
+        from framewise.model_plugins.preprocess import load_image_processor_config
 
         cfg = AutoConfig.from_pretrained(model_dir)
         size = getattr(getattr(cfg, "vision_config", None), "image_size", None)

@@ -8,9 +8,9 @@ def make_queue(settings):
     common = dict(result_ttl_s=settings.job_result_ttl_s, max_attempts=settings.job_max_attempts,
                   visibility_timeout_s=settings.job_visibility_timeout_s)
     if settings.redis_url:
-        from server.jobs.redis_queue import RedisJobQueue
+        from framewise.server.jobs.redis_queue import RedisJobQueue
 
         return RedisJobQueue(settings.redis_url, prefix=settings.redis_prefix, **common)
-    from server.jobs.memory_queue import MemoryJobQueue
+    from framewise.server.jobs.memory_queue import MemoryJobQueue
 
     return MemoryJobQueue(**common)

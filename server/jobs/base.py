@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -9,11 +10,27 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")  # statuses of a job not finished yet
+FINAL = ("succeeded", "failed", "cancelled")  # statuses of a finished job
+# the progress-event stages that end a job's event stream (a job reaching a FINAL status emits one of them)
+FINAL_STAGES = ("done", "failed", "cancelled")
+# how a worker's run of a job ends (server/jobs/worker.py; framewise_jobs_total{outcome})
+OUTCOMES = ("succeeded", "failed", "retried", "handed_back", "cancelled", "lost", "refused")
+
+
+_JOB_ID = re.compile(r"job-[0-9a-f]{32}")
+DEFAULT_OWNER = "default"  # the tenant of a bare API key, of development mode, and of jobs stored before owners
 
 
 def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex}"
+
+
+def valid_job_id(job_id: object) -> bool:
+    """The grammar :func:`new_job_id` makes (``job-`` and 32 lowercase hex digits). Anything else names no
+    job, and never reaches a store: a job id becomes part of Redis key names (``<prefix>:job:<id>``), so
+    ``<id>:events`` would otherwise name another key of the same job."""
+    return isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) is not None
 
 
 @dataclass
@@ -29,10 +46,12 @@ class Job:
     error: dict | None = None
     attempts: int = 0
     idempotency_key: str | None = None
+    owner: str = DEFAULT_OWNER  # the tenant that submitted it (server/tenants.py): only it (or an admin) sees it
 
     def public(self) -> dict:
         d = asdict(self)
         d.pop("request")
+        d.pop("owner")
         d["object"] = "job"
         d["model"] = self.request.get("model")
         return d
@@ -47,27 +66,66 @@ class Claim:
 
 
 class JobNotFound(KeyError):
-    pass
+    """No such job -- or one another tenant owns: the same answer (404), so ids leak no existence."""
+
+
+class JobQuotaExceeded(Exception):
+    """The tenant already has ``limit`` jobs queued or running (``POST /v1/jobs`` and completions that run as
+    jobs answer 429 ``job_quota_exceeded``)."""
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self, owner: str, limit: int):
+        super().__init__(f"tenant {owner!r} has {limit} jobs queued or running, its limit")
+        self.owner, self.limit = owner, limit
+
+
+class QueueUnavailable(ConnectionError):
+    """The job store (Redis) did not answer in time: the HTTP API answers ``503 queue_unavailable`` with
+    ``Retry-After``; a worker retries. A ``ConnectionError``, so code that retries connection errors
+    (the worker's store calls) retries this too."""
+
+    RETRY_AFTER_S = 2
+
+
+def is_final_event(event: dict) -> bool:
+    return event.get("stage") in FINAL_STAGES
 
 
 class JobQueue(Protocol):
-    """Both backends (Redis Streams, in-process) implement this."""
+    """Both backends (Redis Streams, in-process) implement this. Any method may raise
+    :class:`QueueUnavailable` when the store does not answer."""
 
-    async def submit(self, request: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Returns (job, created); an existing job for the same idempotency key is returned as is
-        (atomically: concurrent submits with one key create one job)."""
+    reclaims: int  # deliveries of jobs whose owner stopped heart-beating, taken by this process (a counter)
 
-    async def get(self, job_id: str) -> Job: ...
+    # Ownership: ``owner`` names a tenant. On reads and changes, ``owner=None`` means any owner (an admin, the
+    # worker, the gateway's own waits); a job another tenant owns is :class:`JobNotFound`.
 
-    async def list(self, status: str | None, limit: int, before: float | None) -> list[Job]: ...
+    async def submit(self, request: dict, idempotency_key: str | None = None, owner: str = DEFAULT_OWNER,
+                     max_active: int = 0) -> tuple[Job, bool]:
+        """Returns (job, created); an existing job of ``owner`` for the same idempotency key is returned as is
+        (atomically: concurrent submits with one key create one job; keys are per owner). ``max_active`` > 0:
+        :class:`JobQuotaExceeded` when ``owner`` already has that many jobs queued or running (checked in the
+        same atomic step as the insert)."""
 
-    async def cancel(self, job_id: str) -> Job: ...
+    async def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job's status, progress, result and error, **without** its request (``request`` holds only
+        ``model``): polls never read a request body back (a base64 video may be hundreds of MB)."""
 
-    async def events(self, job_id: str, last_id: str = "0") -> AsyncIterator[tuple[str, dict]]: ...
+    async def get_request(self, job_id: str) -> dict:
+        """The job's whole request (what a worker runs)."""
+
+    async def list(self, status: str | None, limit: int, before: float | None,
+                   owner: str | None = None) -> list[Job]: ...
+
+    async def cancel(self, job_id: str, owner: str | None = None) -> Job: ...
+
+    def events(self, job_id: str, last_id: str = "0", owner: str | None = None) -> AsyncIterator[tuple[str, dict]]:
+        """``(event id, event)`` from after ``last_id``, ending after a :data:`FINAL_STAGES` event."""
 
     async def claim(self, consumer: str, block_s: float) -> Claim | None:
         """The next queued job, or a running one whose owner stopped heart-beating (reclaimed after
-        the visibility timeout), as a new delivery with its own token."""
+        the visibility timeout), as a new delivery with its own token; ``claim.job.request`` is whole."""
 
     # Every state change below takes effect only while ``claim.token`` is the job's current delivery
     # (a stale worker, whose job was reclaimed or handed back, changes nothing and gets False).
@@ -88,11 +146,22 @@ class JobQueue(Protocol):
 
     async def is_cancelled(self, job_id: str) -> bool: ...
 
-    async def depth(self) -> int: ...
+    async def depth(self) -> int:
+        """Jobs queued or running (by status), exactly: counted by the queue's own state changes."""
+
+    async def counts(self) -> dict[str, int]:
+        """``{"queued": n, "running": m}`` (``depth() == n + m``)."""
 
     async def oldest_age(self) -> float: ...
 
     async def dead_letters(self) -> int:
-        """Jobs given up after their last attempt, queue-wide (the Redis queue keeps them in ``<prefix>:dead``)."""
+        """Jobs ever given up after their last attempt, queue-wide (the Redis queue keeps the newest of them,
+        with their last error, in ``<prefix>:dead``)."""
+
+    async def completions(self, job_id: str) -> int:
+        """How many times a result was stored for the job (1 for a succeeded job: exactly once)."""
+
+    async def ping(self) -> bool:
+        """The store answers (never raises): ``framewise_queue_up``."""
 
     async def close(self) -> None: ...

@@ -11,10 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator
 
-from server.jobs.base import FINAL, Claim, Job, JobNotFound, new_job_id
+from framewise.server.jobs.base import (
+    ACTIVE,
+    DEFAULT_OWNER,
+    FINAL,
+    Claim,
+    Job,
+    JobNotFound,
+    JobQuotaExceeded,
+    is_final_event,
+    new_job_id,
+    valid_job_id,
+)
 
 
 class MemoryJobQueue:
@@ -23,7 +35,7 @@ class MemoryJobQueue:
         self.ttl, self.max_attempts, self.visibility_s = result_ttl_s, max_attempts, visibility_timeout_s
         self.jobs: dict[str, Job] = {}
         self.events_: dict[str, list[tuple[str, dict]]] = {}
-        self.idem: dict[str, str] = {}
+        self.idem: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
         self.ready: asyncio.Queue[str] = asyncio.Queue()
         self.tokens: dict[str, str] = {}  # job id -> token of its current delivery
         self.leases: dict[str, float] = {}  # job id -> monotonic deadline of its current delivery
@@ -41,48 +53,61 @@ class MemoryJobQueue:
             for table in (self.events_, self.tokens, self.leases, self.deliveries, self.completions_):
                 table.pop(job_id, None)
             if job.idempotency_key:
-                self.idem.pop(job.idempotency_key, None)
+                self.idem.pop((job.owner, job.idempotency_key), None)
 
     async def _event(self, job_id: str, event: dict) -> None:
         self.events_.setdefault(job_id, []).append((f"{next(self._seq)}-0", event))
         async with self._changed:
             self._changed.notify_all()
 
-    async def submit(self, request: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    async def submit(self, request: dict, idempotency_key: str | None = None, owner: str = DEFAULT_OWNER,
+                     max_active: int = 0) -> tuple[Job, bool]:
         """Check and insert with no await in between: concurrent submits with one key make one job."""
         self._expire()
-        if idempotency_key and idempotency_key in self.idem and self.idem[idempotency_key] in self.jobs:
-            return self.jobs[self.idem[idempotency_key]], False
-        job = Job(id=new_job_id(), request=request, idempotency_key=idempotency_key)
+        idem = (owner, idempotency_key) if idempotency_key else None
+        if idem and idem in self.idem and self.idem[idem] in self.jobs:
+            return self.jobs[self.idem[idem]], False
+        if max_active > 0 and sum(j.owner == owner and j.status in ACTIVE for j in self.jobs.values()) >= max_active:
+            raise JobQuotaExceeded(owner, max_active)
+        job = Job(id=new_job_id(), request=request, idempotency_key=idempotency_key, owner=owner)
         self.jobs[job.id] = job
-        if idempotency_key:
-            self.idem[idempotency_key] = job.id
+        if idem:
+            self.idem[idem] = job.id
         await self._event(job.id, {"stage": "queued"})
         self.ready.put_nowait(job.id)
         return job, True
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, owner: str | None = None) -> Job:
+        if not valid_job_id(job_id):
+            raise JobNotFound(job_id)
         self._expire()
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise JobNotFound(job_id) from None
+        job = self.jobs.get(job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            raise JobNotFound(job_id)
+        return job
 
-    async def list(self, status: str | None, limit: int, before: float | None) -> list[Job]:
+    async def get_request(self, job_id: str) -> dict:
+        return (await self.get(job_id)).request
+
+    async def list(self, status: str | None, limit: int, before: float | None,
+                   owner: str | None = None) -> list[Job]:
+        if before is not None and not math.isfinite(before):
+            raise ValueError(f"before must be a finite number, not {before!r}")
         self._expire()
         jobs = sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
-        return [j for j in jobs if (status is None or j.status == status)
+        return [j for j in jobs if (status is None or j.status == status) and (owner is None or j.owner == owner)
                 and (before is None or j.created_at < before)][:limit]
 
-    async def cancel(self, job_id: str) -> Job:
-        job = await self.get(job_id)
-        if job.status in ("queued", "running"):
+    async def cancel(self, job_id: str, owner: str | None = None) -> Job:
+        job = await self.get(job_id, owner)
+        if job.status in ACTIVE:
             job.status, job.finished_at = "cancelled", time.time()
             await self._event(job_id, {"stage": "cancelled"})
         return job
 
-    async def events(self, job_id: str, last_id: str = "0") -> AsyncIterator[tuple[str, dict]]:
-        await self.get(job_id)
+    async def events(self, job_id: str, last_id: str = "0", owner: str | None = None
+                     ) -> AsyncIterator[tuple[str, dict]]:
+        await self.get(job_id, owner)
         seen = 0 if last_id == "0" else next(
             (i + 1 for i, (eid, _) in enumerate(self.events_.get(job_id, [])) if eid == last_id), 0)
         while True:
@@ -90,7 +115,7 @@ class MemoryJobQueue:
             for eid, event in events[seen:]:
                 seen += 1
                 yield eid, event
-                if event.get("stage") in ("done", "failed", "cancelled"):
+                if is_final_event(event):
                     return
             if job_id not in self.jobs or self.jobs[job_id].status in FINAL and seen >= len(events):
                 return
@@ -172,7 +197,7 @@ class MemoryJobQueue:
             return False
         job = claim.job
         self.leases.pop(job.id, None)
-        job.status, job.result, job.finished_at = "succeeded", result, time.time()
+        job.status, job.result, job.finished_at, job.error = "succeeded", result, time.time(), None
         self.completions_[job.id] = self.completions_.get(job.id, 0) + 1
         await self._event(job.id, {"stage": "done"})
         return True
@@ -211,11 +236,16 @@ class MemoryJobQueue:
     async def completions(self, job_id: str) -> int:
         return self.completions_.get(job_id, 0)
 
+    async def counts(self) -> dict[str, int]:
+        states = [j.status for j in self.jobs.values()]
+        return {"queued": states.count("queued"), "running": states.count("running")}
+
     async def depth(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.status in ("queued", "running"))
+        counts = await self.counts()
+        return counts["queued"] + counts["running"]
 
     async def oldest_age(self) -> float:
-        waiting = [j.created_at for j in self.jobs.values() if j.status in ("queued", "running")]
+        waiting = [j.created_at for j in self.jobs.values() if j.status in ACTIVE]
         return time.time() - min(waiting) if waiting else 0.0
 
     async def dead_letters(self) -> int:

@@ -3,7 +3,11 @@
 - Only globally routable unicast addresses are reached (:func:`is_public_address`):
   every host is resolved by a resolver that drops every other address, and the
   connection uses the checked address (no second lookup to rebind). IP-literal
-  URLs are checked the same way. IPv6 ranges that embed or tunnel to an IPv4
+  URLs are checked the same way, and so is every host that the C library's
+  ``inet_aton`` reads as an IPv4 address (``2130706433``, ``0x7f000001``,
+  ``017700000001``, ``127.1``: :func:`numeric_ipv4`), whatever the HTTP client
+  makes of it (aiohttp before 3.14 connected to such a host without resolving
+  it, so the resolver never saw it). IPv6 ranges that embed or tunnel to an IPv4
   address (6to4, Teredo, NAT64, IPv4-mapped/-compatible, ISATAP with a
   non-public IPv4) are refused, and so are site-local, ORCHID, documentation,
   benchmarking and shared (CGNAT) ranges.
@@ -15,18 +19,26 @@
   strong validator (a strong ``ETag``, or a ``Last-Modified`` at least one second before its
   ``Date``, RFC 9110 8.8) and no ``Cache-Control: no-store``: the conditional GET's ``304`` means
   the same bytes, so the content hash (and the frames cached under it) still hold.
+- ``early`` lets the caller stop a download it does not need whole (a video that will run as a job: the
+  worker fetches it): asked once with the response's ``Content-Length`` before any byte is read, then at
+  :data:`PROBE_AT` with the bytes so far (the container header of a video whose index comes first), until it
+  answers. Failures worth another try (timeouts, connection errors, origin 5xx/408/429) are marked
+  ``transient`` (a job retries them, server/chat/media.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import os
+import re
 import socket
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
@@ -34,7 +46,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver
 
-from server.errors import APIError
+from framewise.server.errors import APIError
 
 
 @dataclass
@@ -44,6 +56,28 @@ class Fetched:
     size: int
     seconds: float
     content_type: str | None
+
+
+@dataclass
+class Deferred:
+    """A download stopped by ``early``: its reason (what ``early`` said), nothing kept."""
+
+    reason: str
+    content_length: int | None
+    seconds: float
+
+
+# early(content_length, path of the bytes so far or None before the body, bytes so far) -> a reason to stop
+# (str), False (download the rest, ask no more) or None (ask again at the next checkpoint)
+Early = Callable[[int | None, str | None, int], Awaitable[str | bool | None]]
+PROBE_AT = (1 << 20, 4 << 20, 16 << 20)
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def transient(e: APIError) -> APIError:
+    """Marks a fetch failure another try may get past."""
+    e.transient = True
+    return e
 
 
 @dataclass(frozen=True)
@@ -102,6 +136,33 @@ REFUSED_V6 = _nets(
     "::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "fc00::/7", "fe80::/10",
     "fec0::/10", "ff00::/8", "5f00::/16",
 )
+
+
+_V4_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+
+def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``host`` names under ``inet_aton(3)`` rules, or None when it is not such a number.
+
+    One to four dot-separated numbers, each decimal, hexadecimal (``0x``) or octal (a leading ``0``); the
+    last fills the bytes left (``127.1`` is 127.0.0.1, ``2130706433`` and ``0x7f000001`` are too). As
+    glibc's ``inet_aton``, anything after ASCII whitespace is ignored; a trailing dot (``127.0.0.1.``,
+    which URL parsers read as the address) is accepted too. Computed here, so the SSRF policy does not
+    depend on what a library version leaves to ``getaddrinfo``."""
+    host = re.split(r"[ \t\n\v\f\r]", host, maxsplit=1)[0]
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    if not 1 <= len(parts) <= 4 or not all(_V4_PART.fullmatch(p) for p in parts):
+        return None
+    values = [int(p, 16) if p[1:2] in ("x", "X") else int(p, 8) if p.startswith("0") else int(p) for p in parts]
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    value = last
+    for i, v in enumerate(head):
+        value |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
 
 
 def _isatap_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -230,6 +291,11 @@ class MediaFetcher:
             raise _refused(url, f"scheme {parts.scheme!r} is not allowed")
         if not parts.hostname:
             raise _refused(url, "no host")
+        v4 = numeric_ipv4(parts.hostname)
+        if v4 is not None:  # any spelling of an IPv4 address (dotted quad or not) is checked as that address
+            if not self.policy.address_allowed(str(v4), str(v4), port):
+                raise _refused(url, f"{parts.hostname} is the address {v4}, which is not allowed")
+            return
         try:
             ipaddress.ip_address(parts.hostname)
         except ValueError:
@@ -248,16 +314,19 @@ class MediaFetcher:
             while len(self._validators) > self.MAX_VALIDATORS:
                 self._validators.popitem(last=False)
 
-    async def fetch(self, url: str, max_bytes: int, *, unless: Validators | None = None) -> Fetched | None:
-        """Download ``url`` to a spool file. With ``unless``, a conditional GET: ``None`` when the
-        server answers 304 (the bytes ``unless`` describes are still current)."""
+    async def fetch(self, url: str, max_bytes: int, *, unless: Validators | None = None,
+                    timeout_s: float | None = None, early: Early | None = None) -> Fetched | Deferred | None:
+        """Download ``url`` to a spool file within ``timeout_s`` (default: the fetcher's). With ``unless``, a
+        conditional GET: ``None`` when the server answers 304 (the bytes ``unless`` describes are still
+        current). With ``early``: :class:`Deferred` when it stopped the download (module doc)."""
         assert self._session is not None
+        timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
-        deadline = start + self.timeout_s
+        deadline = start + timeout_s
         first_url = url
         conditional = unless.headers() if unless is not None else {}
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 for _ in range(self.max_redirects + 1):
                     self._check_url(url)
                     try:
@@ -267,8 +336,8 @@ class MediaFetcher:
                     except aiohttp.ClientConnectorError as e:
                         if isinstance(e.os_error, RefusedAddress):
                             raise _refused(url, str(e.os_error)) from None
-                        raise APIError(400, "fetch_failed", f"cannot connect to {url}: {e.os_error}",
-                                       "messages") from None
+                        raise transient(APIError(400, "fetch_failed", f"cannot connect to {url}: {e.os_error}",
+                                                 "messages")) from None
                     async with resp:
                         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                             url = urljoin(url, resp.headers["Location"])
@@ -278,25 +347,34 @@ class MediaFetcher:
                                 self._validators.move_to_end(first_url)
                             return None
                         if resp.status != 200:
-                            raise APIError(400, "fetch_failed", f"{url} answered HTTP {resp.status}", "messages")
+                            e = APIError(400, "fetch_failed", f"{url} answered HTTP {resp.status}", "messages")
+                            raise transient(e) if resp.status in TRANSIENT_STATUS else e
                         if resp.content_length is not None and resp.content_length > max_bytes:
                             raise APIError(413, "media_too_large", f"{url} is {resp.content_length} bytes; the "
                                            f"limit is {max_bytes}", "messages")
-                        got = await self._spool(resp, url, max_bytes, start)
-                        self._remember(first_url, strong_validators(resp.headers, got.sha256, got.size))
+                        if early is not None and isinstance(reason := await early(resp.content_length, None, 0),
+                                                            str):
+                            return Deferred(reason, resp.content_length, time.perf_counter() - start)
+                        got = await self._spool(resp, url, max_bytes, start, early)
+                        if isinstance(got, Fetched):
+                            self._remember(first_url, strong_validators(resp.headers, got.sha256, got.size))
                         return got
                 raise _refused(url, f"more than {self.max_redirects} redirects")
         except TimeoutError:
-            raise APIError(504, "fetch_timeout", f"fetching the media took longer than {self.timeout_s:.0f}s",
-                           "messages") from None
+            raise transient(APIError(504, "fetch_timeout", f"fetching the media took longer than {timeout_s:.0f}s",
+                                     "messages")) from None
         except aiohttp.ClientError as e:
             left = deadline - time.perf_counter()
-            raise APIError(400 if left > 0 else 504, "fetch_failed", f"fetching {url} failed: {e}",
-                           "messages") from None
+            raise transient(APIError(400 if left > 0 else 504, "fetch_failed", f"fetching {url} failed: {e}",
+                                     "messages")) from None
 
-    async def _spool(self, resp, url: str, max_bytes: int, start: float) -> Fetched:
+    async def _spool(self, resp, url: str, max_bytes: int, start: float, early: Early | None = None
+                     ) -> Fetched | Deferred:
         digest = hashlib.sha256()
         size = 0
+        length = resp.content_length
+        # checkpoints at which `early` looks at the bytes so far: none the whole body will soon pass anyway
+        checks = [n for n in PROBE_AT if length is None or length >= 2 * n] if early is not None else []
         fd, path = tempfile.mkstemp(dir=self.spool_dir, prefix="fetch-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -307,8 +385,19 @@ class MediaFetcher:
                                        "messages")
                     digest.update(chunk)
                     f.write(chunk)
+                    if checks and size >= checks[0]:
+                        while checks and size >= checks[0]:
+                            checks.pop(0)
+                        f.flush()
+                        verdict = await early(length, path, size)
+                        if isinstance(verdict, str):
+                            os.unlink(path)
+                            return Deferred(verdict, length, time.perf_counter() - start)
+                        if verdict is False:
+                            checks = []
         except BaseException:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             raise
         return Fetched(path, digest.hexdigest(), size, time.perf_counter() - start,
                        resp.headers.get("Content-Type"))

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import APIError
-from server.media.fetch import MediaFetcher
-from server.media.files import FileStore
+from framewise.server.errors import APIError
+from framewise.server.media.fetch import Deferred, Early, MediaFetcher
+from framewise.server.media.files import FileStore
+from framewise.server.tenants import DEFAULT
 
 
 @dataclass
@@ -50,6 +51,17 @@ def _sha256_file(path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+async def _in_thread(fn, *args) -> LocalMedia:
+    """``fn(*args)`` in a thread; a caller cancelled meanwhile (a sibling part failed, the client left) does not
+    stop the thread, so what it returns is released when it does."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().release())
+        raise
+
+
 class MediaResolver:
     def __init__(self, fetcher: MediaFetcher, files: FileStore, spool_dir: str, allowed_local_path: str | None):
         self.fetcher, self.files, self.spool_dir = fetcher, files, spool_dir
@@ -71,20 +83,26 @@ class MediaResolver:
             return LocalMedia(None, known.sha256, known.size, time.perf_counter() - start, False)
         return LocalMedia(got.path, got.sha256, got.size, got.seconds, True)
 
-    async def resolve(self, url: str, max_bytes: int) -> LocalMedia:
+    async def resolve(self, url: str, max_bytes: int, *, timeout_s: float | None = None,
+                      early: Early | None = None, owner: str | None = DEFAULT) -> LocalMedia | Deferred:
+        """The media as a local file. An http(s) download is bounded by ``timeout_s`` (default: the fetcher's)
+        and may be stopped by ``early`` (:class:`~server.media.fetch.Deferred`: server/media/fetch.py). A
+        ``file-<id>`` is one of ``owner``'s files (None: anyone's, an admin's request); another tenant's is 404."""
         start = time.perf_counter()
         if url.startswith("data:"):
-            return await asyncio.to_thread(self._from_data_url, url, max_bytes, start)
+            return await _in_thread(self._from_data_url, url, max_bytes, start)
         if url.startswith("file-"):
-            obj, path = self.files.get(url)
+            obj, path = self.files.get(url, owner)
             if obj.bytes > max_bytes:
                 raise APIError(413, "media_too_large", f"{url} is {obj.bytes} bytes; the limit is {max_bytes}",
                                "messages")
             return LocalMedia(str(path), obj.sha256, obj.bytes, time.perf_counter() - start, False)
         if url.startswith("file://"):
-            return await asyncio.to_thread(self._from_local_path, url, max_bytes, start)
+            return await _in_thread(self._from_local_path, url, max_bytes, start)
         if url.startswith(("http://", "https://")):
-            got = await self.fetcher.fetch(url, max_bytes)
+            got = await self.fetcher.fetch(url, max_bytes, timeout_s=timeout_s, early=early)
+            if isinstance(got, Deferred):
+                return got
             return LocalMedia(got.path, got.sha256, got.size, got.seconds, True)
         raise APIError(400, "invalid_url", "media URLs must be http(s)://, data:, file-<id> from /v1/files, "
                        "or an allowed file:// path", "messages")

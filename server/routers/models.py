@@ -4,9 +4,8 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from server.deps import get_services, require_api_key
-from server.errors import APIError
-from server.openapi import ModelCard, ModelList
+from framewise.server.deps import check_model, get_services, require_api_key
+from framewise.server.openapi import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 _STARTED = int(time.time())
@@ -23,6 +22,5 @@ async def list_models(services=Depends(get_services)):
 
 @router.get("/{model_id:path}", responses={200: {"model": ModelCard}})
 async def get_model(model_id: str, services=Depends(get_services)):
-    if model_id != services.settings.model_name:
-        raise APIError(404, "model_not_found", f"the model {model_id!r} does not exist", "model")
+    check_model(services, model_id)
     return _model(model_id)

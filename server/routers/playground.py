@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from server.errors import APIError
+from framewise.server.errors import APIError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 ASSETS = {"playground.js": "text/javascript", "playground.css": "text/css"}

@@ -31,7 +31,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from server.video.sampling import FrameSampling, SamplingError, plan_timestamps
+from framewise.server.video.sampling import FrameSampling, SamplingError, plan_timestamps
 
 
 class MediaError(Exception):
@@ -206,6 +206,29 @@ def probe(path: str, limits: DecodeLimits = DecodeLimits()) -> VideoInfo:
     container, stream, info = _read_info(path, *_open(path), limits)
     container.close()
     return info
+
+
+def header_duration(path: str) -> float | None:
+    """The duration a container states in its header, read from a file that may hold only its first bytes (a
+    download in progress); None when those bytes do not say (an MP4 whose index comes last, a stream)."""
+    try:
+        container, stream = _open(path)
+    except MediaError:
+        return None
+    try:
+        # only what the header states: no packet is read (a partial file would end early) and no estimate
+        # from the bit rate (FFmpeg's estimate on a truncated file is the truncated length)
+        if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+            return float(stream.duration * stream.time_base)
+        if stream.metadata.get("DURATION"):
+            return _parse_clock(stream.metadata["DURATION"])
+        if container.format.name.split(",")[0] in ("mov", "matroska") and container.duration:
+            return container.duration / av.time_base
+        return None
+    except Exception:  # noqa: BLE001 - a damaged header says nothing
+        return None
+    finally:
+        container.close()
 
 
 def _scaled_size(width: int, height: int, shortest_edge: int | None) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from server.video.decode import MediaError
+from framewise.server.video.decode import MediaError
 
 
 def _worker_main(conn) -> None:

@@ -63,6 +63,8 @@ def plan_timestamps(
         if count > cap:  # too long for this rate: spread the allowed frames over the clip
             return plan_timestamps(duration, frame_rate, FrameSampling(cap, None, start, end),
                                    default_frames=cap, max_frames=max_frames)
+        if span * params.fps < 1:  # one segment longer than the clip: the midpoint of the part inside it
+            return [start + span / 2]  # (start + 0.5/fps lay past the end; a tiny fps overflowed the seek)
         step = 1.0 / params.fps
         return [start + (k + 0.5) * step for k in range(count)]
     wanted = params.num_frames or default_frames

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from server.video.decode import DecodeLimits, MediaError, SampledVideo, VideoInfo, sample_video
-from server.video.pool import DecodePool
-from server.video.sampling import FrameSampling
+from framewise.server.video.decode import (
+    DecodeLimits,
+    MediaError,
+    SampledVideo,
+    VideoInfo,
+    header_duration,
+    sample_video,
+)
+from framewise.server.video.pool import DecodePool
+from framewise.server.video.sampling import FrameSampling
 
 
 class FrameCache:
@@ -84,6 +91,14 @@ class VideoService:
             return None
         self.cache.put(key, video)
         return VideoResult(video, time.perf_counter() - start, False)
+
+    async def header_duration(self, path: str) -> float | None:
+        """What the container header in ``path`` (maybe a partial download) says the video lasts; parsed in the
+        decode pool like all media. None when unknown (or the probe failed: the full decode will say)."""
+        try:
+            return await self.pool.run(header_duration, path, timeout=min(self.timeout, 10.0))
+        except MediaError:
+            return None
 
     async def load_image(self, path: str) -> np.ndarray:
         return await self.pool.run(load_image, path, self.limits.max_pixels, timeout=self.timeout)

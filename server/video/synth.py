@@ -90,3 +90,13 @@ def write_clip(
             for packet in astream.encode():
                 container.mux(packet)
     return path
+
+
+def textured_pattern(i: int, total: int, texture: np.ndarray) -> np.ndarray:
+    """The index-coded frame blended over a panning coarse-noise texture (~5 Mbit/s in x264): the benchmarks'
+    and load tests' textured 720p clips (bench/sample_frames.py, loadtests/clips.py)."""
+    img = frame_pattern(i, total, 1280, 720)
+    tex = np.roll(texture, (i * 2, i * 3), (0, 1))[:720, :1280]
+    out = (tex.astype(np.uint16) * 3 // 4 + img // 4).astype(np.uint8)
+    out[: 720 // 6] = img[: 720 // 6]  # the index band stays readable
+    return out

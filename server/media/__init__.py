@@ -1,0 +1,1 @@
+"""Media sources: fetching URLs safely, uploaded files, local paths."""
