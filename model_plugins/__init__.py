@@ -7,6 +7,39 @@ subprocess. It must stay idempotent, cheap and free of accelerator access.
 
 from __future__ import annotations
 
+import logging
+import os
+
+# The vLLM releases this plugin is written against, declared once (pyproject's extras are tested against it):
+# the frame-block attention relies on 0.32's attention-backend names and metadata-builder hooks, and the
+# processors on its multimodal processing API, which later releases may change without an error.
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+ALLOW_UNTESTED_VLLM = "FRAMEWISE_ALLOW_UNTESTED_VLLM"  # "1": register anyway (`--allow-untested-vllm`)
+
+
+class UnsupportedVLLMError(RuntimeError):
+    pass
+
+
+def check_vllm_version(version: str | None = None) -> bool:
+    """Raises :class:`UnsupportedVLLMError` when ``version`` (default: the installed vLLM's) is outside
+    :data:`SUPPORTED_VLLM`, unless ``FRAMEWISE_ALLOW_UNTESTED_VLLM=1`` (then a warning; returns False)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if version is None:
+        from vllm import __version__ as version
+    if Version(Version(version).base_version) in SpecifierSet(SUPPORTED_VLLM):  # 0.32.0+cpu counts as 0.32.0
+        return True
+    message = (f"Framewise's model plugin supports vLLM {SUPPORTED_VLLM}, and this is vLLM {version}: the "
+               "temporal attention depends on that release's internals. Install a supported vLLM "
+               "(pip install 'framewise[cpu]' or 'framewise[gpu]'), or set --allow-untested-vllm "
+               f"({ALLOW_UNTESTED_VLLM}=1) to try this one.")
+    if os.environ.get(ALLOW_UNTESTED_VLLM) == "1":
+        logging.getLogger("framewise.plugin").warning("%s Registering anyway (%s=1).", message, ALLOW_UNTESTED_VLLM)
+        return False
+    raise UnsupportedVLLMError(message)
+
 # architecture name (config.json "architectures") -> (model_type, "module:Class")
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "TCLlavaForConditionalGeneration": ("tc_llava", "framewise.model_plugins.models.tc_llava:TCLlavaForConditionalGeneration"),
@@ -51,6 +84,7 @@ class WholeItemScheduling:
 
 
 def register() -> None:
+    check_vllm_version()
     from transformers import AutoConfig
     from vllm import ModelRegistry
 

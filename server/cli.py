@@ -164,6 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"framewise serve: the API keys file does not parse: {e}", file=sys.stderr)
         return 2
     warn_if_open(settings.host, keys.enabled)
+    if not preflight("serve", settings, args):
+        return 2
     from framewise.server.engine import Engine
 
     # SIGTERM: uvicorn closes the listening socket at once (no new connections), lets in-flight requests and
@@ -178,6 +180,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if code:
         _exit_without_engine_teardown(code)
     return 0
+
+
+def preflight(command: str, settings, args: argparse.Namespace) -> bool:
+    """Before the engine starts (tens of seconds to minutes): the plugin registers on this vLLM and a default
+    video of the checkpoint fits the context. Otherwise the reason and the fix on stderr (exit status 2)."""
+    from framewise.model_plugins import ALLOW_UNTESTED_VLLM
+    from framewise.model_plugins.geometry import VideoDoesNotFit
+    from framewise.model_plugins.selfcheck import PluginSelfCheckError, check_plugin
+    from framewise.server.engine import check_geometry
+
+    if settings.allow_untested_vllm:
+        os.environ[ALLOW_UNTESTED_VLLM] = "1"
+    try:
+        check_plugin(import_models=False)
+        check_geometry(settings, engine_overrides(args))
+    except (PluginSelfCheckError, VideoDoesNotFit) as e:
+        print(f"framewise {command}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -221,6 +242,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("framewise worker needs --redis-url or REDIS_URL", file=sys.stderr)
         return 2
 
+    if not preflight("worker", settings, args):
+        return 2
     from framewise.server.engine import Engine
     from framewise.server.worker_http import WorkerHTTP
 

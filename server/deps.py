@@ -68,3 +68,10 @@ def check_model(services, model: str) -> None:
     """The one check of a request's ``model`` (chat completions, jobs, ``GET /v1/models/{id}``)."""
     if model != services.settings.model_name:
         raise APIError(404, "model_not_found", f"the model {model!r} does not exist", "model")
+
+
+def check_parameters(body) -> None:
+    """OpenAI fields Framewise cannot honour are refused, not dropped (chat completions and jobs)."""
+    unsupported = body.unsupported_parameter()
+    if unsupported:
+        raise APIError(400, "unsupported_parameter", unsupported[1], unsupported[0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,32 @@ class ModelDefaults:
     max_model_len: int
     fps: float | None = None  # sample at this rate when a request names neither num_frames nor fps
     placeholders: dict[str, str] | None = None  # the token each image/video part leaves in the prompt
+    video_tokens: Callable[[int], int] | None = None  # frames -> LLM tokens of one video (None: size-dependent)
+    describe_video: Callable[[int], str] | None = None  # frames -> "8 × 576 = 4608"
+
+
+def check_geometry(settings: Settings, overrides: dict | None = None):
+    """Start-up validation, before the engine starts: a video of the checkpoint's default ``num_frames`` must
+    fit the context (else :class:`~framewise.model_plugins.geometry.VideoDoesNotFit`, naming the numbers and the
+    fix); ``max_frames`` is lowered to what fits. Returns ``(config, context, max_frames)``."""
+    from transformers import AutoConfig
+
+    from framewise.model_plugins.geometry import checkpoint_context, fit_frames
+
+    cfg = AutoConfig.from_pretrained(settings.model)
+    given = (overrides or {}).get("max_model_len") or settings.max_model_len
+    context = int(given or checkpoint_context(cfg) or 4096)
+    num_frames, max_frames = int(getattr(cfg, "num_frames", 8)), int(getattr(cfg, "max_frames", 32))
+    fits = fit_frames(cfg, num_frames, max_frames, context)
+    if fits < max_frames:
+        import logging
+
+        from framewise.model_plugins.geometry import describe
+
+        logging.getLogger("framewise.engine").warning(
+            "max_frames lowered from %d to %d: a video of %d frames is %s tokens, over the context of %d tokens "
+            "(--max-model-len)", max_frames, fits, max_frames, describe(cfg, max_frames), context)
+    return cfg, context, fits
 
 
 def engine_args(settings: Settings, overrides: dict | None = None):
@@ -56,7 +82,12 @@ def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelD
         # smaller than that on their short side; media parts are tag pairs, not one token
         edge = int(cfg.visual["image_size"])
         placeholders = dict(RED_VILLM_PLACEHOLDERS)
+    from framewise.model_plugins.geometry import describe, video_tokens_fn
+
+    tokens = video_tokens_fn(cfg)
     return ModelDefaults(
+        video_tokens=tokens,
+        describe_video=(lambda frames: describe(cfg, frames)) if tokens else None,
         num_frames=int(getattr(cfg, "num_frames", 8)),
         max_frames=int(getattr(cfg, "max_frames", 32)),
         shortest_edge=edge,
@@ -108,19 +139,23 @@ class Engine:
         return self.llm is not None and bool(getattr(self.llm, "errored", False))
 
     async def start(self) -> None:
+        from framewise.model_plugins import ALLOW_UNTESTED_VLLM
         from framewise.model_plugins.selfcheck import check_plugin
 
+        if self.settings.allow_untested_vllm:  # for every process vLLM starts (each registers the plugin)
+            os.environ[ALLOW_UNTESTED_VLLM] = "1"
         check_plugin()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
+        cfg, _, max_frames = check_geometry(s, self.engine_overrides)  # before the engine: fail fast
         args = engine_args(s, self.engine_overrides)
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
-        cfg = AutoConfig.from_pretrained(s.model)
-        self.defaults = model_defaults(cfg, self.tokenizer, s.model, int(args.max_model_len or s.max_model_len))
+        self.defaults = model_defaults(cfg, self.tokenizer, s.model, int(self.llm.model_config.max_model_len))
+        self.defaults.max_frames = min(self.defaults.max_frames, max_frames)
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

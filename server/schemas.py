@@ -106,7 +106,37 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, description="token id (a decimal string) -> bias added to its logit, -100 to 100 (OpenAI's "
+              "rule); ids outside the vocabulary are refused (400 `invalid_request`)"))
+    # OpenAI fields Framewise does not implement: accepted in their no-op form only (`response_format`
+    # {"type": "text"}, `tool_choice`/`function_call` "none", empty `tools`/`functions`), else refused
+    # (400 `unsupported_parameter` naming the field: see :meth:`unsupported_parameter`), never silently dropped
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
     framewise: FramewiseOptions | None = None
+
+    def unsupported_parameter(self) -> tuple[str, str] | None:
+        """``(field, reason)`` for the first field set to something Framewise would have to ignore."""
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format", (f"response_format type {self.response_format.get('type')!r} is not "
+                                       "supported (structured outputs are not implemented); only 'text'")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name} (function calling) is not supported"
+        for name in ("tool_choice", "function_call"):
+            value = getattr(self, name)
+            if value is not None and value != "none":
+                return name, f"{name} other than 'none' is not supported (function calling is not implemented)"
+        for name in ("audio", "prediction"):
+            if getattr(self, name) is not None:
+                return name, f"{name} is not supported"
+        return None
 
     @model_validator(mode="after")
     def _logprobs(self):

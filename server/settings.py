@@ -28,8 +28,11 @@ class Settings(BaseSettings):
     # model and engine
     model: str = _(".cache/models/tc-llava-demo", "checkpoint directory")
     served_model_name: str | None = _(None, "the model's name in the API (default: the directory's name)")
-    max_model_len: int = _(4096, "context length (tokens) of the engine")
+    max_model_len: int | None = _(None, "context length (tokens) of the engine (default: the checkpoint's, its "
+                                  "LLM's max_position_embeddings)")
     enable_prefix_caching: bool = _(True, "vLLM's prefix cache (its own --[no-]enable-prefix-caching flag)")
+    allow_untested_vllm: bool = _(False, "start on a vLLM release outside the plugin's supported range "
+                                  "(framewise.model_plugins.SUPPORTED_VLLM), with a warning")
     max_videos_per_request: int = _(4, "video parts per request at most")
     max_images_per_request: int = _(4, "image parts per request at most")
 

@@ -43,13 +43,20 @@ class Docker:
             raise AssertionError(f"docker {' '.join(args[:3])} failed ({out.returncode}):\n{out.stderr[-4000:]}")
         return out.stdout
 
-    def build(self, tag: str, context: Path, *extra: str, timeout: float = 2400) -> None:
+    def build(self, tag: str, context: Path, *extra: str, timeout: float = 2400, tries: int = 2) -> None:
+        """``tries``: the build downloads from PyPI and Debian's mirror inside containers; one network failure
+        there is retried once (the layers already built are reused)."""
         log = self.root / f"build-{tag.replace('/', '_').replace(':', '_')}.log"
-        with open(log, "w") as f:
-            rc = subprocess.run(["nice", "-n", "10", DOCKER, "build", "--progress=plain", "-t", tag, *extra,
-                                 str(context)], env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        assert rc == 0, f"docker build {tag} failed; tail of {log}:\n" + log.read_text()[-4000:]
+        for attempt in range(1, tries + 1):
+            with open(log, "a") as f:
+                f.write(f"--- attempt {attempt}\n")
+                f.flush()
+                rc = subprocess.run(["nice", "-n", "10", DOCKER, "build", "--progress=plain", "-t", tag, *extra,
+                                     str(context)], env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                    timeout=timeout).returncode
+            if rc == 0:
+                break
+        assert rc == 0, f"docker build {tag} failed {tries} times; tail of {log}:\n" + log.read_text()[-4000:]
         self.images.append(tag)
 
     def inspect(self, obj: str) -> dict:

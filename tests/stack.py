@@ -177,7 +177,9 @@ def _jobs_gateway(tc_llava_dir, media_origin, session_redis, shared_files, tmp_p
                  allowed_hosts=f"127.0.0.1:{media.port}",
                  env={"REDIS_URL": session_redis.url, "FRAMEWISE_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
                       "FRAMEWISE_QUEUED_WAIT_S": str(REQUEST_TIMEOUT_S), "FRAMEWISE_QUEUE_KEEPALIVE_S": "0.5"},
-                 args=gateway_args(media, shared_files, *EAGER), pin=True, ready_s=900, wait=False)
+                 # its fetch timeout above the request timeout: a slow origin meets the request's deadline
+                 args=gateway_args(media, shared_files, *EAGER, "--fetch-timeout-s", str(4 * REQUEST_TIMEOUT_S)),
+                 pin=True, ready_s=900, wait=False)
     gw.files_dir = shared_files
     yield gw
     gw.close()

@@ -197,8 +197,9 @@ class TestCompose:
         assert job["status"] == "succeeded", job
         assert job["result"]["choices"][0]["message"]["content"]
         # the gateway runs no consumer (REDIS_URL set, no --consume): a worker ran it
-        done = _wait("worker job counter scraped", lambda: stack.query(
-            'sum(framewise_jobs_total{job="framewise-worker",outcome="succeeded"})'), 60)
+        # (the series exists at 0 from the worker's start: wait for a scrape taken after the job)
+        done = _wait("worker job counter scraped at >= 1", lambda: [d for d in stack.query(
+            'sum(framewise_jobs_total{job="framewise-worker",outcome="succeeded"})') if float(d["value"][1]) >= 1], 60)
         assert float(done[0]["value"][1]) >= 1
         gw = stack.query('sum(framewise_jobs_total{job="framewise-gateway"}) or vector(0)')
         assert float(gw[0]["value"][1]) == 0

@@ -287,6 +287,24 @@ def test_sampling_parameters(client, media):
         assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == text[:1]
 
 
+def test_logit_bias_steers_the_sampler(client, media, gateway, tc_llava_dir):
+    """``logit_bias`` reaches vLLM's sampler (it was dropped before): +100 on one token makes greedy decoding
+    repeat it; an id outside the vocabulary is a 400 naming ``logit_bias`` (vLLM's check), and the gateway serves on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tc_llava_dir)
+    messages = video_message(media.url("h264.mp4"), num_frames=2)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    target = next(i for i in range(len(tok) // 2, len(tok)) if i not in tok.all_special_ids
+                  and tok.decode([i]).strip().isalpha() and tok.decode([i]) not in plain.choices[0].message.content)
+    forced = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                            logit_bias={str(target): 100})
+    assert forced.choices[0].message.content == tok.decode([target] * 4) != plain.choices[0].message.content
+    r = post(gateway, {"model": MODEL, "messages": messages, "max_tokens": 2, "logit_bias": {str(10**8): 5}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).choices
+
+
 def test_upload_limits(client, gateway):
     with pytest.raises(openai.APIStatusError) as e:
         client.files.create(file=("big.mp4", b"\0" * (1 << 20 | 1), "video/mp4"), purpose="vision")

@@ -117,8 +117,9 @@ def frame_block_backend(settings: TemporalSettings):
 
 
 class TemporalRotaryEmbedding(nn.Module):
-    """Rotate-half RoPE at p' = row0 + gamma * row1, by ``layers/temporal.py``'s rope math
-    (angles in float64, applied in fp32)."""
+    """Rotate-half RoPE at p' = row0 + gamma * row1, by ``layers/temporal.py``'s rope math (angles in float64,
+    applied in fp32). :meth:`table` runs once per forward (float64 is 1/32-1/64 speed on many GPUs); every
+    layer applies the same table."""
 
     def __init__(self, head_dim: int, theta: float, gamma: float):
         super().__init__()
@@ -126,11 +127,15 @@ class TemporalRotaryEmbedding(nn.Module):
         self.gamma = gamma
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def table(self, positions: torch.Tensor) -> torch.Tensor:
+        """``(3, N)`` position rows -> ``(2, N, head_dim // 2)``: cos and sin, float32."""
         if positions.ndim != 2:
             raise RuntimeError("TC-LLaVA needs multi-row positions (n, t_n + Delta, n)")
         p = positions[0].double() + self.gamma * positions[1].double()
-        cos, sin = rope_cos_sin(p, self.inv_freq.to(device=p.device))
+        return torch.stack(rope_cos_sin(p, self.inv_freq.to(device=p.device)))
+
+    def forward(self, rope: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = rope[0], rope[1]
 
         def rotate(x: torch.Tensor) -> torch.Tensor:  # (tokens, heads * head_dim)
             return apply_rope(x.view(x.shape[0], -1, self.head_dim), cos, sin).flatten(1)
@@ -138,8 +143,19 @@ class TemporalRotaryEmbedding(nn.Module):
         return rotate(q), rotate(k)
 
 
+def temporal_rotary(config, temporal: TemporalSettings) -> TemporalRotaryEmbedding:
+    """The LLM's RoPE (theta, head_dim from its config) at TC-LLaVA's temporal positions."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"TC-LLaVA supports the default RoPE only, got {rope.get('rope_type')}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return TemporalRotaryEmbedding(head_dim, float(rope.get("rope_theta", 10000.0)), temporal.gamma)
+
+
 class TCLlavaAttention(nn.Module):
-    """Llama attention (same weight names) with TC-LLaVA's rotary and mask."""
+    """Llama attention (same weight names) with TC-LLaVA's rotary and mask. Its ``positions`` argument is the
+    model's rotary table (:meth:`TemporalRotaryEmbedding.table`, computed once per forward by
+    :class:`TCLlavaLlamaModel`), not the position rows."""
 
     def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int,
                  max_position_embeddings: int = 8192, quant_config=None, bias: bool = False,
@@ -156,11 +172,7 @@ class TCLlavaAttention(nn.Module):
                                           quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, bias=bias_o_proj,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"TC-LLaVA supports the default RoPE only, got {rope.get('rope_type')}")
-        self.rotary_emb = TemporalRotaryEmbedding(self.head_dim, float(rope.get("rope_theta", 10000.0)),
-                                                  temporal.gamma)
+        self.rotary_emb = temporal_rotary(config, temporal)  # applies the table; computes none
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
                               cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
                               attn_type=attn_type, attn_backend=frame_block_backend(temporal))
@@ -168,7 +180,7 @@ class TCLlavaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, q, k)  # `positions`: the rotary table
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
 
@@ -182,7 +194,18 @@ class TCLlavaDecoderLayer(LlamaDecoderLayer):
     dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
 )
 class TCLlavaLlamaModel(LlamaModel):
-    """LlamaModel compiled with (3, N) positions (dynamic on the token dim)."""
+    """LlamaModel compiled with (3, N) positions (dynamic on the token dim). The rotary table is computed here,
+    once per forward, and given to every layer in place of the positions."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=LlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.rotary = temporal_rotary(vllm_config.model_config.hf_config, layer_type.keywords["temporal"])
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None, inputs_embeds: torch.Tensor | None = None,
+                **extra_layer_kwargs) -> torch.Tensor | IntermediateTensors:
+        return super().forward(input_ids, self.rotary.table(positions), intermediate_tensors, inputs_embeds,
+                               **extra_layer_kwargs)
 
 
 class TCLlavaLlamaForCausalLM(LlamaForCausalLM):
@@ -303,7 +326,10 @@ class TCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRo
         spans = []
         for feature in mm_features:
             for start, end in feature.mm_position.extract_embeds_range():
-                spans.append(VisualSpan(start, (end - start + 1) // m, m))
+                frames, rest = divmod(end - start + 1, m)
+                if rest or not frames:  # the same rule as split_frame_blocks: whole frames only
+                    raise ValueError(f"visual range ({start}, {end}) is not a whole number of {m}-token frames")
+                spans.append(VisualSpan(start, frames, m))
         return shifted_position_rows(len(input_tokens), spans), 0
 
     # ---- LM ------------------------------------------------------------------------------

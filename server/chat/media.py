@@ -135,6 +135,31 @@ async def _stage(services, media, url: str, position: str, owner: str) -> dict[s
         return {}
 
 
+def _check_fits(defaults, videos: list[VideoPart]) -> None:
+    """Videos whose frame count is known before the download (``num_frames``, or the default) and whose tokens
+    alone exceed the context are refused before any fetch: 400 ``context_length_exceeded`` naming frames ×
+    tokens. (``fps`` sampling, and models whose tokens depend on the frame size, are checked by vLLM later.)"""
+    tokens = getattr(defaults, "video_tokens", None)
+    if tokens is None or not videos:
+        return
+    counted = []
+    for part in videos:
+        v = part.video_url
+        if v.fps is not None or (v.num_frames is None and defaults.fps):
+            return
+        frames = v.num_frames or defaults.num_frames
+        if frames > defaults.max_frames:
+            return  # invalid_sampling says so, with its own message
+        counted.append(frames)
+    total = sum(tokens(f) for f in counted)
+    if total > defaults.max_model_len:
+        each = "; ".join(defaults.describe_video(f) for f in counted)
+        raise APIError(400, "context_length_exceeded",
+                       f"the video{'s' if len(counted) > 1 else ''} alone take {total} tokens ({each}), over the "
+                       f"model's context of {defaults.max_model_len} tokens: ask fewer frames (video_url.num_frames) "
+                       "or fewer videos", "messages")
+
+
 async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tuple[object, dict]:
     s, v = services.settings, part.video_url
     route_long = run.route_long
@@ -274,6 +299,7 @@ async def prepare(services, body: ChatCompletionRequest, run: MediaRun | None = 
     if len(images) > s.max_images_per_request:
         raise APIError(400, "too_many_images", f"at most {s.max_images_per_request} images per request", "messages")
     text = render_prompt(services.engine, body, len(videos), len(images))  # before any fetch
+    _check_fits(services.engine.defaults, [p for _, p in videos])
     try:
         async with asyncio.TaskGroup() as tg:
             video_tasks = [tg.create_task(_video(services, p, pos, run)) for pos, p in videos]

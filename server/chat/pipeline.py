@@ -57,7 +57,7 @@ from framewise.server.chat.responses import (
     result_chunks,
     usage_of,
 )
-from framewise.server.deps import check_model, require_api_key
+from framewise.server.deps import check_model, check_parameters, require_api_key
 from framewise.server.errors import APIError
 from framewise.server.jobs.base import Job, QueueUnavailable, is_final_event
 from framewise.server.schemas import ChatCompletionRequest
@@ -114,6 +114,7 @@ def sampling_params(body: ChatCompletionRequest):
         min_tokens=body.min_tokens or 0,
         repetition_penalty=body.repetition_penalty or 1.0,
         ignore_eos=body.ignore_eos,
+        logit_bias={int(token): bias for token, bias in body.logit_bias.items()} if body.logit_bias else None,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -123,7 +124,7 @@ def _refused_input(e: Exception) -> APIError:
     lowered = msg.lower()
     if "maximum model length" in lowered or "maximum context length" in lowered or "max_model_len" in lowered:
         return APIError(400, "context_length_exceeded", msg, "messages")
-    return APIError(400, "invalid_request", msg, "messages")
+    return APIError(400, "invalid_request", msg, getattr(e, "parameter", None) or "messages")  # vLLM names some
 
 
 @dataclass
@@ -335,6 +336,7 @@ async def respond(services, body: ChatCompletionRequest, request: Request, slot)
     try:
         tenant = require_api_key(request, services)  # (authenticated already: the tenant the route saw)
         check_model(services, body.model)
+        check_parameters(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         media = MediaRun(route_long=True, owner=tenant.scope, tenant=tenant.name)
         plan = await _unless_client_leaves(request, start(services, body, deadline=deadline(services.settings),

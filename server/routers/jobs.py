@@ -17,7 +17,7 @@ import re
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from framewise.server.deps import check_model, get_services, require_api_key
+from framewise.server.deps import check_model, check_parameters, get_services, require_api_key
 from framewise.server.errors import APIError, error_body
 from framewise.server.jobs.base import STATUSES, JobNotFound, QueueUnavailable, valid_job_id
 from framewise.server.openapi import JobList, JobObject, sse
@@ -48,6 +48,7 @@ async def submit_job(body: ChatCompletionRequest, services=Depends(get_services)
                      idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
                      tenant: Tenant = Depends(require_api_key)):
     check_model(services, body.model)
+    check_parameters(body)
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise APIError(422, "invalid_parameter", "Idempotency-Key must be 1 to 255 printable ASCII characters "
                        "without spaces", "Idempotency-Key")
