@@ -124,7 +124,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     edge = getattr(getattr(config, "vision_config", None), "image_size", None)
     if getattr(config, "model_type", None) == "red_villm":
         edge = config.visual["image_size"]  # as the gateway: frames no smaller than Qwen-VL's square input
-    frames = sample_video(video, FrameSampling(num_frames=None if fps else num_frames, fps=fps),
+    rule = getattr(config, "frame_sampling", None) or "midpoints"
+    frames = sample_video(video, FrameSampling(num_frames=None if fps else num_frames, fps=fps, fps_rule=rule),
                           default_frames=num_frames, max_frames=config.max_frames, shortest_edge=edge).frames
     decode_ms = (time.perf_counter() - t0) * 1000
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]

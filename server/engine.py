@@ -25,6 +25,7 @@ class ModelDefaults:
     placeholders: dict[str, str] | None = None  # the token each image/video part leaves in the prompt
     video_tokens: Callable[[int], int] | None = None  # frames -> LLM tokens of one video (None: size-dependent)
     describe_video: Callable[[int], str] | None = None  # frames -> "8 × 576 = 4608"
+    fps_rule: str = "midpoints"  # how fps sampling picks frames (server/video/sampling.py FPS_RULES)
 
 
 def check_geometry(settings: Settings, overrides: dict | None = None):
@@ -93,6 +94,7 @@ def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelD
         shortest_edge=edge,
         max_model_len=max_model_len,
         fps=float(cfg.fps) if getattr(cfg, "fps", None) else None,
+        fps_rule=str(getattr(cfg, "frame_sampling", None) or "midpoints"),
         placeholders=placeholders,
     )
 

@@ -28,7 +28,7 @@ from framewise.model_plugins.reference.stave import (
 )
 from tests.conftest import cli
 
-STAVE_KEYS = ("temporal_heads_scale", "temporal_output_layout", "temporal_rope_theta", "fps", "num_frames",
+STAVE_KEYS = ("temporal_heads_scale", "temporal_output_layout", "temporal_rope_theta", "fps", "num_frames", "frame_sampling",
               "max_frames")
 VIDEO_PROMPT = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens in this video?"}]}]
 
@@ -526,7 +526,7 @@ def test_converter_keeps_trained_temporal_weights_and_rejects_partial(demo_dir, 
     raw = json.loads(Path(src, "config.json").read_text())
     raw.update(model_type="qwen2_vl", architectures=["CustomQwen2VLForConditionalGeneration"])
     for k in STAVE_KEYS:
-        raw.pop(k)
+        raw.pop(k, None)
     os.remove(os.path.join(src, "config.json"))
     Path(src, "config.json").write_text(json.dumps(raw))
     out = qwen2vl_to_stave(src, tmp_path / "out")

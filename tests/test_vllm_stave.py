@@ -309,7 +309,7 @@ def test_gateway_serves_stave_with_its_defaults(stave_dir, tmp_path_factory):
     from tests.gateway_support import Gateway, MediaServer
 
     d = tmp_path_factory.mktemp("stave-media")
-    write_clip(str(d / "short.mp4"), frames=84, fps=24)  # 3.5 s -> 7 frames at 2 fps (padded to 8: T' = 4)
+    write_clip(str(d / "short.mp4"), frames=84, fps=24)  # 3.5 s -> 7 at 2 fps -> 8 (the authors' even count)
     write_clip(str(d / "long.mp4"), frames=480, fps=24)  # 20 s -> 40 at 2 fps -> capped at 32
     from PIL import Image
 
@@ -330,8 +330,9 @@ def test_gateway_serves_stave_with_its_defaults(stave_dir, tmp_path_factory):
 
         full = ask(media.url("short.mp4"))
         [video] = full.model_extra["framewise"]["media"]
-        assert video["frames"] == 7
-        assert video["timestamps"] == pytest.approx([0.25 + 0.5 * k for k in range(7)], abs=1e-3)
+        assert video["frames"] == 8  # frame_sampling qwen2vl_eval: round(linspace(0, 83, 8)), frames on screen
+        indices = torch.linspace(0, 83, 8).round().long().tolist()
+        assert video["timestamps"] == pytest.approx([i / 24 for i in indices], abs=1e-3)  # each frame's own time
         # 192x120 -> 196x112: 14x8 patches, 28 tokens per temporal step, 4 steps
         assert full.usage.prompt_tokens > 4 * 28 and full.usage.completion_tokens == 12
         chunks = list(ask(media.url("short.mp4"), stream=True))

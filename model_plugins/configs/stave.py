@@ -18,7 +18,9 @@ class StaveQwen2VLConfig(Qwen2VLConfig):
       written back patch-major into the frame-major stream) or ``paper`` (frame-major);
     - ``temporal_rope_theta``: base of the 1-D RoPE over the temporal-patch index;
     - ``fps``, ``num_frames``, ``max_frames``: the gateway's frame sampling defaults
-      (2 fps, at most 32 frames, as the authors evaluate).
+      (2 fps, at most 32 frames, as the authors evaluate);
+    - ``frame_sampling``: how an fps becomes frames: ``qwen2vl_eval`` (the authors' evaluation path:
+      qwen-vl-utils' even frame count and index rule, then the 32-frame cap) or ``midpoints``.
 
     A checkpoint saved by the authors' code (``CustomQwen2VLForConditionalGeneration``,
     ``model_type: qwen2_vl``) loads once its ``model_type`` is set to ``stave_qwen2_vl``.
@@ -32,9 +34,12 @@ class StaveQwen2VLConfig(Qwen2VLConfig):
     fps: float = 2.0
     num_frames: int = 32
     max_frames: int = 32
+    frame_sampling: str = "qwen2vl_eval"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.frame_sampling not in ("qwen2vl_eval", "midpoints"):
+            raise ValueError(f"frame_sampling must be qwen2vl_eval or midpoints, got {self.frame_sampling!r}")
         if self.temporal_output_layout not in TEMPORAL_OUTPUT_LAYOUTS:
             raise ValueError(f"temporal_output_layout must be one of {TEMPORAL_OUTPUT_LAYOUTS}, "
                              f"got {self.temporal_output_layout!r}")

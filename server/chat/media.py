@@ -164,7 +164,8 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
     s, v = services.settings, part.video_url
     route_long = run.route_long
     defaults = services.engine.defaults
-    params = FrameSampling(v.num_frames, _fps(v, defaults), v.start, v.end)
+    params = FrameSampling(v.num_frames, _fps(v, defaults), v.start, v.end,
+                           fps_rule=getattr(defaults, "fps_rule", "midpoints"))
     shape = {"default_frames": defaults.num_frames, "max_frames": defaults.max_frames,
              "shortest_edge": defaults.shortest_edge}
     queue_above_s = s.queue_above_s if route_long else None

@@ -11,9 +11,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class SamplingError(ValueError):
     """Sampling parameters that cannot be satisfied for this clip."""
+
+
+# How an ``fps`` request becomes frames: ``midpoints`` (DESIGN 2: the midpoint of each 1/fps segment) or
+# ``qwen2vl_eval`` (STAVE's evaluation path: :func:`qwen2vl_eval_indices`). A model's config.json names its own
+# (``frame_sampling``); num_frames requests always take uniform midpoints.
+FPS_RULES = ("midpoints", "qwen2vl_eval")
 
 
 @dataclass(frozen=True)
@@ -22,9 +30,45 @@ class FrameSampling:
     fps: float | None = None
     start: float | None = None
     end: float | None = None
+    fps_rule: str = "midpoints"
 
     def cache_key(self) -> tuple:
-        return (self.num_frames, self.fps, self.start, self.end)
+        return (self.num_frames, self.fps, self.start, self.end, self.fps_rule)
+
+
+def _round_even(x: float) -> int:
+    return round(x / 2) * 2  # Python's round (half to even), as qwen-vl-utils' round_by_factor
+
+
+def qwen2vl_eval_indices(total_frames: int, video_fps: float, fps: float, cap: int) -> list[int]:
+    """Frame indices as STAVE's authors evaluate Qwen2-VL models (qwen-vl-utils 0.0.8's ``smart_nframes`` and
+    index rule, then their lmms-eval class's 32-frame cap; notes/spec-stave-red-villm.md A.4):
+
+    n = total / video_fps * fps, clamped to [4, the largest even number <= min(768, total)], rounded to an
+    even number; indices = round(linspace(0, total - 1, n)); more than ``cap``: positions
+    int(linspace(0, n - 1, cap)) of those, duplicates dropped. Clips of fewer than 2 frames (where
+    qwen-vl-utils raises) give their frames as they are."""
+    if total_frames < 2:
+        return list(range(max(total_frames, 0)))
+    n = total_frames / video_fps * fps
+    n = min(max(n, 4), (min(768, total_frames) // 2) * 2)
+    n = max(2, min(_round_even(n), total_frames))
+    picked = _torch_linspace_round(total_frames - 1, n)
+    if len(picked) > cap:  # the lmms-eval class: np.linspace(0, n - 1, cap).astype(int), deduplicated
+        positions = np.linspace(0, len(picked) - 1, cap).astype(int).tolist()
+        picked = [picked[p] for p in dict.fromkeys(positions)]
+    return picked
+
+
+def _torch_linspace_round(last: int, n: int) -> list[int]:
+    """``torch.linspace(0, last, n).round()`` without importing torch in the decode workers: float32, each half
+    computed from its own end as ATen's CPU kernel does, rounded half to even (tests compare with torch)."""
+    if n == 1:
+        return [0]
+    step = np.float32(last) / np.float32(n - 1)
+    values = [np.float32(i) * step if i < n // 2 else np.float32(last) - np.float32(n - 1 - i) * step
+              for i in range(n)]
+    return np.rint(np.array(values, dtype=np.float32)).astype(int).tolist()
 
 
 def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
@@ -58,8 +102,13 @@ def plan_timestamps(
     if params.fps is not None:
         if params.fps <= 0:
             raise SamplingError("fps must be positive")
-        count = max(1, math.floor(span * params.fps + 1e-9))
         cap = min(params.num_frames or max_frames, max_frames)
+        if params.fps_rule == "qwen2vl_eval" and frame_rate > 0:
+            first = math.ceil(start * frame_rate - 1e-9)
+            total = max(1, round(span * frame_rate))
+            return [(first + i + 0.5) / frame_rate
+                    for i in qwen2vl_eval_indices(total, frame_rate, params.fps, cap)]
+        count = max(1, math.floor(span * params.fps + 1e-9))
         if count > cap:  # too long for this rate: spread the allowed frames over the clip
             return plan_timestamps(duration, frame_rate, FrameSampling(cap, None, start, end),
                                    default_frames=cap, max_frames=max_frames)
