@@ -230,6 +230,28 @@ def _engine(model: Path, tmp_path_factory, name: str, **kw):
     handle.close()
 
 
+def _redis(root: Path):
+    from tests.redis_support import RedisServer
+
+    server = RedisServer(root)
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGCONT)  # a test may leave it stopped (SIGSTOP: a hung Redis)
+    server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A private ``redis-server`` for this test (its own port and dir: the test may kill, stop or restart it)."""
+    yield from _redis(tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="module")
+def module_redis_server(tmp_path_factory):
+    """A private ``redis-server`` shared by one module's tests."""
+    yield from _redis(tmp_path_factory.mktemp("redis"))
+
+
 @pytest.fixture(scope="module")
 def tc_engine(tc_llava_dir, tmp_path_factory):
     """TC-LLaVA (gamma 1, frame mask on) with prefix caching on, compiled as served (the other test engines are

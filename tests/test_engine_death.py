@@ -33,14 +33,6 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def redis_server(tmp_path):
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def app_and_engine(tc_llava_dir, tmp_path):
     engine = StandInEngine(tc_llava_dir, steps=40, step_s=0.05)
     settings = Settings(model=str(tc_llava_dir), served_model_name=MODEL, api_keys=[KEY], decode_workers=1,

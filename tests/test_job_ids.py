@@ -16,7 +16,6 @@ from framewise.server.jobs.base import JobNotFound, new_job_id, valid_job_id
 from framewise.server.jobs.memory_queue import MemoryJobQueue
 from framewise.server.jobs.redis_queue import RedisJobQueue
 from framewise.server.settings import Settings
-from tests.redis_support import RedisServer
 
 MODEL, KEY = "stub", "sk-ids"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -35,17 +34,10 @@ class StubEngine:
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(redis_server, tmp_path_factory):
+def gateway(module_redis_server, tmp_path_factory):
     """(client, services): the real app with the Redis queue."""
     settings = Settings(model="stub-model", served_model_name=MODEL, api_keys=[KEY], decode_workers=1,
-                        files_dir=str(tmp_path_factory.mktemp("files")), redis_url=redis_server.url)
+                        files_dir=str(tmp_path_factory.mktemp("files")), redis_url=module_redis_server.url)
     app = create_app(settings, engine=StubEngine())
     with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client, app.state.services
@@ -119,11 +111,11 @@ def test_a_well_formed_unknown_id_is_still_looked_up(gateway, store_calls):
 
 
 @pytest.mark.parametrize("backend", ["redis", "memory"])
-def test_the_queues_refuse_ids_outside_the_grammar_themselves(redis_server, backend):
+def test_the_queues_refuse_ids_outside_the_grammar_themselves(module_redis_server, backend):
     """Defense in depth: get/cancel/events of both queues answer JobNotFound, never a Redis error."""
 
     async def main():
-        q = RedisJobQueue(redis_server.url, prefix="ids") if backend == "redis" else MemoryJobQueue()
+        q = RedisJobQueue(module_redis_server.url, prefix="ids") if backend == "redis" else MemoryJobQueue()
         job, _ = await q.submit(BODY)
         for bad in (f"{job.id}:events", "x", job.id + ":"):
             with pytest.raises(JobNotFound):

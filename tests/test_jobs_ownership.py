@@ -14,7 +14,6 @@ import pytest
 from framewise.server.jobs.memory_queue import MemoryJobQueue
 from framewise.server.jobs.redis_queue import GROUP, RedisJobQueue
 from framewise.server.jobs.worker import JobWorker
-from tests.redis_support import RedisServer
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 VIS = 60.0  # visibility timeout (s): never reached by itself here; `lapse` ages the leases instead
@@ -24,13 +23,6 @@ GRACE = 1.0
 @pytest.fixture(params=["redis", "memory"])
 def backend(request):
     return request.param
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -13,16 +13,8 @@ from framewise.server.jobs.base import JobNotFound
 from framewise.server.jobs.memory_queue import MemoryJobQueue
 from framewise.server.jobs.redis_queue import RedisJobQueue
 from framewise.server.jobs.worker import JobWorker
-from tests.redis_support import RedisServer
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
 
 
 @pytest.fixture(params=["redis", "memory"])

@@ -23,18 +23,10 @@ from framewise.server.jobs.redis_queue import GROUP, RedisJobQueue, state_keys
 from framewise.server.jobs.worker import JobWorker
 from framewise.server.metrics import Metrics, refresh_queue_gauges
 from tests.conftest import ROOT
-from tests.redis_support import RedisServer
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 CLIENT_ERROR = {"code": "invalid_request", "status": 400, "message": "bad"}
 INTERNAL = {"code": "internal_error", "status": 500, "message": "boom"}
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
 
 
 def run(coro):

@@ -25,20 +25,9 @@ from framewise.server.jobs.redis_queue import RedisJobQueue
 from framewise.server.settings import Settings
 from framewise.server.video.synth import write_clip
 from tests.live_support import KEY, MODEL, StandInEngine, data_url, sse, video_message, wait_for
-from tests.redis_support import RedisServer
 
 HI = [{"role": "user", "content": "hi"}]
 VISIBILITY_S = 30.0  # a job resumed "promptly" is done well before this
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGCONT)
-    server.close()
 
 
 @pytest.fixture
