@@ -16,6 +16,7 @@ import asyncio
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -24,16 +25,8 @@ from framewise.server.jobs.redis_queue import RedisJobQueue
 from framewise.server.jobs.worker import JobWorker
 from framewise.server.video.synth import write_clip
 from tests.live_support import MODEL, LiveGateway, data_url, video_message, wait_for
-from tests.redis_support import RedisServer
 
 JOB_S = 8.0  # how long the worker takes per job
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +67,14 @@ class ThreadWorker:
 
 
 @pytest.fixture(scope="module")
-def worker(redis_server):
-    w = ThreadWorker(redis_server.url)
+def worker(module_redis_server):
+    w = ThreadWorker(module_redis_server.url)
     yield w
     w.close()
 
 
-def _gateway(tmp_path, tc_llava_dir, redis_server, **settings) -> LiveGateway:
-    return LiveGateway(tmp_path, tc_llava_dir, redis_url=redis_server.url, queue_above_s=1.0,
+def _gateway(tmp_path, tc_llava_dir, module_redis_server, **settings) -> LiveGateway:
+    return LiveGateway(tmp_path, tc_llava_dir, redis_url=module_redis_server.url, queue_above_s=1.0,
                        queue_keepalive_s=0.5, drain_s=20, **settings)
 
 
@@ -115,10 +108,10 @@ def _running(redis_url: str, known: set) -> str | None:
     return job_id if _job(redis_url, job_id)[0].status == "running" else None
 
 
-def test_a_gateway_shut_down_leaves_the_job_running_and_names_it(tc_llava_dir, tmp_path, redis_server, worker,
+def test_a_gateway_shut_down_leaves_the_job_running_and_names_it(tc_llava_dir, tmp_path, module_redis_server, worker,
                                                                  long_clip):
-    gw = _gateway(tmp_path, tc_llava_dir, redis_server)
-    known = {_latest_job_id(redis_server.url)}
+    gw = _gateway(tmp_path, tc_llava_dir, module_redis_server)
+    known = {_latest_job_id(module_redis_server.url)}
     answers: dict = {}
 
     def plain():
@@ -135,7 +128,7 @@ def test_a_gateway_shut_down_leaves_the_job_running_and_names_it(tc_llava_dir, t
         threads = [threading.Thread(target=f) for f in (plain, streamed)]
         for t in threads:
             t.start()
-            first = wait_for(lambda: _running(redis_server.url, known), 60, "the job to run on the worker")
+            first = wait_for(lambda: _running(module_redis_server.url, known), 60, "the job to run on the worker")
             known.add(first)
         gw.sigterm()
         stopped = time.monotonic()
@@ -157,9 +150,9 @@ def test_a_gateway_shut_down_leaves_the_job_running_and_names_it(tc_llava_dir, t
         gw.close()
     # the jobs were not cancelled: they succeed, once each, and a new gateway has their results
     for job_id in job_ids:
-        wait_for(lambda job_id=job_id: _job(redis_server.url, job_id)[0].status == "succeeded", 60, "the job")
-        assert _job(redis_server.url, job_id)[1] == 1
-    new = _gateway(tmp_path, tc_llava_dir, redis_server)
+        wait_for(lambda job_id=job_id: _job(module_redis_server.url, job_id)[0].status == "succeeded", 60, "the job")
+        assert _job(module_redis_server.url, job_id)[1] == 1
+    new = _gateway(tmp_path, tc_llava_dir, module_redis_server)
     try:
         for job_id in job_ids:
             job = httpx.get(new.url(f"/v1/jobs/{job_id}"), headers=new.headers, timeout=10).json()
@@ -169,28 +162,60 @@ def test_a_gateway_shut_down_leaves_the_job_running_and_names_it(tc_llava_dir, t
         new.close()
 
 
-def test_the_wait_bound_names_the_job_and_the_client_leaving_cancels_it(tc_llava_dir, tmp_path, redis_server,
+def test_the_wait_bound_names_the_job_and_the_client_leaving_cancels_it(tc_llava_dir, tmp_path, module_redis_server,
                                                                         worker, long_clip):
-    gw = _gateway(tmp_path, tc_llava_dir, redis_server, queued_wait_s=2.0)
+    gw = _gateway(tmp_path, tc_llava_dir, module_redis_server, queued_wait_s=2.0)
     try:
         body = {"model": MODEL, "max_tokens": 2, "messages": video_message(long_clip, num_frames=2)}
         r = httpx.post(gw.url("/v1/chat/completions"), headers=gw.headers, timeout=60, json=body)
         error = r.json()["error"]
         assert (r.status_code, error["code"]) == (504, "timeout") and "queued_wait_s" in error["message"]
-        wait_for(lambda: _job(redis_server.url, error["job_id"])[0].status == "succeeded", 60,
+        wait_for(lambda: _job(module_redis_server.url, error["job_id"])[0].status == "succeeded", 60,
                  "the job to run on after the wait ended")
         # a client that leaves: its job is cancelled (JSON: the connection closed; a stream: dropped)
-        known = {_latest_job_id(redis_server.url)}
+        known = {_latest_job_id(module_redis_server.url)}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(gw.url("/v1/chat/completions"), headers=gw.headers, timeout=1.5,
                        json={**body, "max_tokens": 3})
-        left = wait_for(lambda: (j := _latest_job_id(redis_server.url)) not in known and j, 30, "the job")
-        wait_for(lambda: _job(redis_server.url, left)[0].status == "cancelled", 30, "the job to be cancelled")
+        left = wait_for(lambda: (j := _latest_job_id(module_redis_server.url)) not in known and j, 30, "the job")
+        wait_for(lambda: _job(module_redis_server.url, left)[0].status == "cancelled", 30, "the job to be cancelled")
         known.add(left)
         with httpx.stream("POST", gw.url("/v1/chat/completions"), headers=gw.headers, timeout=60,
                           json={**body, "stream": True}) as s:
             assert next(s.iter_lines()).startswith(": queued as job-")
-        dropped = wait_for(lambda: (j := _latest_job_id(redis_server.url)) not in known and j, 30, "the job")
-        wait_for(lambda: _job(redis_server.url, dropped)[0].status == "cancelled", 30, "the job to be cancelled")
+        dropped = wait_for(lambda: (j := _latest_job_id(module_redis_server.url)) not in known and j, 30, "the job")
+        wait_for(lambda: _job(module_redis_server.url, dropped)[0].status == "cancelled", 30, "the job to be cancelled")
     finally:
         gw.close()
+
+
+def test_a_client_leaving_cancels_its_job_even_when_cancelled_again_at_every_await():
+    """A dropped stream is cancelled by Starlette's cancel scope, which cancels the task again at each await: the
+    job's cancellation must still reach the queue (it was interrupted there, and the job ran on)."""
+    import anyio
+
+    from framewise.server.chat.pipeline import _JobWait
+
+    cancelled_jobs = []
+
+    class Jobs:
+        async def events(self, job_id):  # the job runs on: no final event
+            await asyncio.sleep(3600)
+            yield "0", {}
+
+        async def cancel(self, job_id):
+            await asyncio.sleep(0.05)  # a round trip to Redis
+            cancelled_jobs.append(job_id)
+
+    services = SimpleNamespace(jobs=Jobs(), settings=SimpleNamespace(redis_url=None),
+                               lifecycle=SimpleNamespace(shutting_down=False))
+
+    async def main():
+        wait = _JobWait(services, "job-1", asyncio.get_running_loop().time() + 60)
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # level-triggered: every await inside raises
+            await wait.end(cancelled=True)
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    assert cancelled_jobs == ["job-1"]

@@ -484,8 +484,22 @@ class _JobWait:
             t.cancel()
         if cancelled and not self.services.lifecycle.shutting_down:
             log.info("the client of a queued completion left: cancelling its job", extra={"job_id": self.job_id})
+            # in a task of its own: this one is being cancelled, and a stream's is cancelled again at every await
+            # (Starlette's cancel scope), which interrupted the queue call and left the job running
+            task = asyncio.ensure_future(self.services.jobs.cancel(self.job_id))
+            _CANCELLING.add(task)
+            task.add_done_callback(_cancel_done)
             with contextlib.suppress(Exception):
-                await self.services.jobs.cancel(self.job_id)
+                await asyncio.shield(task)
+
+
+_CANCELLING: set[asyncio.Future] = set()  # job cancellations under way (held until done)
+
+
+def _cancel_done(task: asyncio.Future) -> None:
+    _CANCELLING.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not cancel a queued completion's job: %s", task.exception())
 
 
 async def queued_completion(services, job_id: str, until: float) -> dict:
