@@ -175,3 +175,30 @@ def with_video_parts(template: str | None, render: Render, *, image_token: str =
                .replace("@SOURCE@", template))
     check_video_parts(wrapped, template, render, image_token, video_token)
     return wrapped
+
+
+def as_string_content(messages: list[dict], placeholders: dict[str, str]) -> list[dict]:
+    """``messages`` with typed content joined into one string per message, for templates that concatenate
+    ``message.content`` as a string (Qwen2.5's, which Video-CCAM v1.2 ships): each media part becomes its
+    placeholder and a newline (the authors' ``"<video>\\n{question}"``), text parts are kept verbatim."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "".join(p.get("text", "") if p["type"] == "text" else placeholders[p["type"]] + "\n"
+                              for p in content)
+        out.append({**m, "content": content})
+    return out
+
+
+def takes_typed_parts(render: Callable[[list[dict]], str], placeholders: dict[str, str]) -> bool:
+    """Whether the template places a ``{"type": "video"}`` part itself; False when it fails on typed content or
+    renders no placeholder for it (then :func:`as_string_content` is what it needs)."""
+    kind = "video" if "video" in placeholders else next(iter(placeholders), None)
+    if kind is None:
+        return True
+    probe = [{"role": "user", "content": [{"type": kind}, _text("What happens?")]}]
+    try:
+        return placeholders[kind] in render(probe)
+    except Exception:  # noqa: BLE001 - the template rejects typed content
+        return False

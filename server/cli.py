@@ -32,6 +32,13 @@ def _exit_without_engine_teardown(code: int = 0) -> None:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from framewise.model_plugins.reference.demo_checkpoint import write_demo_checkpoint
 
+    if args.shape == "real":
+        from framewise.model_plugins.reference.published import write_real_shape
+
+        out, source = write_real_shape(args.arch, args.out, seed=args.seed)
+        origin = f", converted from {source} (the published repository's layout)" if source else ""
+        print(f"wrote a random {args.arch} checkpoint at the published token geometry to {out}{origin}")
+        return 0
     out = write_demo_checkpoint(args.arch, args.out, seed=args.seed)
     print(f"wrote a tiny random {args.arch} checkpoint to {out}")
     return 0
@@ -362,6 +369,9 @@ def build_parser(engine_options: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=["tc-llava", "video-ccam", "stave", "red-villm"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", choices=["tiny", "real"], default="tiny",
+                   help="real: the published repository's layout, vocabulary, special tokens, chat template and "
+                        "token geometry (tiny widths), converted as a user would")
     p.set_defaults(func=cmd_demo_model)
 
     p = sub.add_parser("selfcheck", help="verify the vLLM plugin registers and its models import")

@@ -129,6 +129,7 @@ class Engine:
         self.llm = None
         self.tokenizer = None
         self.defaults: ModelDefaults | None = None
+        self.string_content = False  # the template takes string content only (see _needs_string_content)
 
     @property
     def ready(self) -> bool:
@@ -158,9 +159,35 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         self.defaults = model_defaults(cfg, self.tokenizer, s.model, int(self.llm.model_config.max_model_len))
         self.defaults.max_frames = min(self.defaults.max_frames, max_frames)
+        self.string_content = self._needs_string_content()
+
+    def _needs_string_content(self) -> bool:
+        """A template that takes only string content (Video-CCAM v1.2's Qwen2.5 one) gets each message joined
+        into a string with the media placeholders in it; checked once, on a probe conversation."""
+        from framewise.model_plugins.chat_template import as_string_content, takes_typed_parts
+
+        placeholders = self.defaults.placeholders or {}
+        typed = takes_typed_parts(self._render, placeholders)
+        if typed:
+            return False
+        if takes_typed_parts(lambda m: self._render(as_string_content(m, placeholders)), placeholders):
+            return True
+        import logging  # requests with media are refused (400 unsupported_media_in_template), text still served
+
+        logging.getLogger("framewise.engine").warning(
+            "the chat template of %s places no %s placeholder for a video part, with typed or string content",
+            self.settings.model, placeholders)
+        return False
+
+    def _render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def render(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if getattr(self, "string_content", False):
+            from framewise.model_plugins.chat_template import as_string_content
+
+            messages = as_string_content(messages, self.defaults.placeholders or {})
+        return self._render(messages)
 
     def generate(self, prompt: dict, params, request_id: str) -> AsyncIterator:
         return self.llm.generate(prompt, params, request_id)

@@ -106,6 +106,9 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    return_token_ids: bool = Field(False, description="vLLM's extension: the prompt's token ids "
+                                   "(`prompt_token_ids`) and each choice's generated ids (`token_ids`) in the answer "
+                                   "(streamed: the prompt's in the first chunk, the new ids in each delta's choice)")
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
         Field(None, description="token id (a decimal string) -> bias added to its logit, -100 to 100 (OpenAI's "
               "rule); ids outside the vocabulary are refused (400 `invalid_request`)"))

@@ -34,6 +34,7 @@ pytest_plugins = ["tests.stack"]
 
 _running: list[pytest.Item | None] = [None]  # the test whose setup, call or teardown runs now
 ENGINE_COMMANDS = ("serve", "worker", "demo")  # `framewise <command>` that starts a vLLM engine
+MAKE_ENGINE_TARGETS = ("serve", "demo", "loadtest", "chaos")  # `make <target>` that starts an engine
 ENGINE_SCRIPTS = ("engine_server.py", "serve_e2e.py", "gateway_stages.py", "loadtests.run", "loadtests.chaos")
 
 
@@ -52,6 +53,8 @@ def process_kind(argv) -> str | None:
     if "docker_env.sh" in names and ("start" in names or "base" in names):  # a private dockerd
         return "docker"
     if any(n in ENGINE_SCRIPTS or w in ENGINE_SCRIPTS for n, w in zip(names, words, strict=True)):
+        return "engine"
+    if "make" in names and any(n in MAKE_ENGINE_TARGETS for n in names[names.index("make") + 1:]):
         return "engine"
     for i, n in enumerate(names):
         if n == "framewise.server.cli" or n == "framewise" or (n == "vllm" and i + 1 < len(names) and names[i + 1] == "serve"):

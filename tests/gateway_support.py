@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -143,20 +144,24 @@ class RecordingServer:
 
 class Gateway:
     def __init__(self, model: Path, workdir: Path, *, api_key: str, allowed_hosts: str, env: dict | None = None,
-                 args: tuple[str, ...] = (), pin: bool = False, ready_s: float = 240, wait: bool = True):
+                 args: tuple[str, ...] = (), pin: bool = False, ready_s: float = 240, wait: bool = True,
+                 port: int | None = None, make_serve: bool = False):
         """``pin``: the server and its engine processes get one CPU, the test process the others. Measured on
         the 2-core CI VM: an engine spread over both cores, streaming a long generation, starved every other
         process (the test included) for up to 9 s, so a client could not disconnect before the end.
         ``wait=False``: return at once; :meth:`wait_ready` waits (tests/stack.py starts gateways early)."""
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.ready_s = ready_s
         self.log_path = workdir / "gateway.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
         cpu = ["taskset", "-c", str(max(os.sched_getaffinity(0)))] if pin else []
-        cmd = [*cpu, sys.executable, "-m", "framewise.server.cli", "serve", "--model", str(model), "--port", str(self.port),
-               "--api-key", api_key, "--files-dir", str(workdir / "files"), "--log-level", "info", *args]
+        flags = ["--port", str(self.port), "--api-key", api_key, "--files-dir", str(workdir / "files"),
+                 "--log-level", "info", *args]
+        cmd = [*cpu, sys.executable, "-m", "framewise.server.cli", "serve", "--model", str(model), *flags]
+        if make_serve:  # the README's `make serve` (set-up check, self-check, then serve) on this model
+            cmd = [*cpu, "make", "-s", "serve", f"DEMO_MODEL={model}", f"SERVE_ARGS={shlex.join(flags)}"]
         self.started = time.time()
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,

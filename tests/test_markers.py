@@ -19,6 +19,8 @@ from tests.conftest import ROOT, process_kind
     ([sys.executable, "bench/serve_e2e.py", "--quick"], "engine"),
     ([sys.executable, "-m", "loadtests.run", "--host", "h"], "engine"),
     (["vllm", "serve", "m"], "engine"),
+    (["taskset", "-c", "1", "make", "-s", "serve", "DEMO_MODEL=m", "SERVE_ARGS=--port 1"], "engine"),
+    (["make", "setup"], None),
     (["/usr/bin/docker", "compose", "up"], "docker"),
     (["docker-compose", "-f", "c.yaml", "up", "-d"], "docker"),
     (["bash", "scripts/docker_env.sh", "start", "/tmp/d"], "docker"),

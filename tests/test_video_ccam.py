@@ -382,38 +382,6 @@ def test_v10_conversion_streams_into_shards(v10_release, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.engine
-def test_gateway_serves_video_ccam_with_its_defaults(ccam_dir, tmp_path_factory):
-    import httpx
-
-    from framewise.server.video.synth import write_clip
-    from tests.gateway_support import Gateway, MediaServer
-
-    media_dir = tmp_path_factory.mktemp("ccam-media")
-    write_clip(str(media_dir / "clip.mp4"), frames=120, fps=24)
-    media = MediaServer(media_dir)
-    gw = Gateway(ccam_dir, tmp_path_factory.mktemp("ccam-gw"), api_key="k", allowed_hosts=f"127.0.0.1:{media.port}",
-                 args=("--enforce-eager",))
-    try:
-        def ask(**sampling):
-            body = {"model": "video-ccam", "max_tokens": 4, "messages": [{"role": "user", "content": [
-                {"type": "video_url", "video_url": {"url": media.url("clip.mp4"), **sampling}},
-                {"type": "text", "text": "What happens?"}]}]}
-            r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=body, headers=gw.headers, timeout=120)
-            assert r.status_code == 200, r.text
-            return r.json()
-
-        default = ask()
-        assert default["framewise"]["media"][0]["frames"] == 16  # num_frames from config.json
-        long = ask(num_frames=96)
-        assert long["framewise"]["media"][0]["frames"] == 96  # the paper's long-video setting
-        # every video costs num_query (32) prompt tokens whatever its frame count
-        assert long["usage"]["prompt_tokens"] == default["usage"]["prompt_tokens"]
-    finally:
-        gw.close()
-        media.close()
-
-
 @pytest.mark.parametrize("model_type", ["phi3", "llama"])
 def test_other_decoders_are_selectable_through_text_config(model_type, tmp_path):
     """v1.0/v1.1 used Phi-3 and Yi (Llama): the decoder comes from text_config alone."""

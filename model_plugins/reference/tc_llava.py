@@ -9,13 +9,11 @@ checkpoint loads unchanged.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionModel
 
@@ -34,6 +32,7 @@ from framewise.model_plugins.preprocess import (
     clip_preprocess,
     load_image_processor_config,
 )
+from framewise.model_plugins.weights import iter_safetensors
 
 # checkpoints saved by transformers >= 4.52 nest everything under ``model.``
 _NEW_TO_LEGACY_PREFIX = {
@@ -184,7 +183,7 @@ class TCLlavaReference(nn.Module):
         config = TCLlavaConfig.from_pretrained(model_dir, **config_overrides)
         ipc = load_image_processor_config(model_dir, config.vision_config.image_size)
         model = cls(config, ipc)
-        state = to_legacy_llava_keys(load_file(os.path.join(model_dir, "model.safetensors")))
+        state = to_legacy_llava_keys(dict(iter_safetensors(model_dir)))  # one file or shards
         model.load_state_dict(state, strict=True)
         return model.eval()
 

@@ -151,6 +151,7 @@ class ChatRun:
         self.top_k = body.top_logprobs or 0
         self.cancelled = cancelled  # the outcome logged when the caller cancels (client gone, job cancelled)
         self.prompt_tokens = 0
+        self.prompt_token_ids: list[int] = []
         self.choices: dict[int, Choice] = {}
         self._ended = False
 
@@ -163,11 +164,14 @@ class ChatRun:
 
     def completion(self) -> dict:
         """The OpenAI ``chat.completion`` object of what was generated."""
+        ids = self.body.return_token_ids
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": logprobs_of(c.token_ids, c.logprobs, self.top_k), "finish_reason": c.finish_reason}
+                    "logprobs": logprobs_of(c.token_ids, c.logprobs, self.top_k), "finish_reason": c.finish_reason,
+                    **({"token_ids": list(c.token_ids)} if ids else {})}
                    for c in sorted(self.choices.values(), key=lambda c: c.index)]
         return {"id": self.ids.id, "object": "chat.completion", "created": self.ids.created, "model": self.ids.model,
-                "choices": choices, "usage": self.usage(), "framewise": {"media": self.prepared.media}}
+                "choices": choices, "usage": self.usage(), "framewise": {"media": self.prepared.media},
+                **({"prompt_token_ids": self.prompt_token_ids} if ids else {})}
 
     async def outputs(self) -> AsyncIterator:
         """The engine's outputs (deltas), accumulated into :attr:`choices`; past the deadline the engine
@@ -208,6 +212,8 @@ class ChatRun:
 
     def _add(self, out) -> None:
         self.prompt_tokens = len(out.prompt_token_ids)
+        if self.body.return_token_ids and not self.prompt_token_ids:
+            self.prompt_token_ids = list(out.prompt_token_ids)
         for c in out.outputs:
             if c.finish_reason == "abort":
                 raise APIError(503, "request_aborted", "the engine aborted the request before it finished; retry")
@@ -302,11 +308,16 @@ async def stream(run: ChatRun, include_usage: bool, on_close: Callable[[], None]
             for c in out.outputs:
                 if c.index not in begun:
                     begun.add(c.index)
-                    yield chunk(ids, [delta_choice(c.index, {"role": "assistant", "content": ""})],
-                                extra={"framewise": {"media": run.prepared.media}} if c.index == 0 else None)
+                    first = {"framewise": {"media": run.prepared.media}} if c.index == 0 else {}
+                    if c.index == 0 and run.body.return_token_ids:
+                        first["prompt_token_ids"] = run.prompt_token_ids
+                    yield chunk(ids, [delta_choice(c.index, {"role": "assistant", "content": ""})], extra=first)
                 if c.text or c.token_ids:
-                    yield chunk(ids, [delta_choice(c.index, {"content": c.text},
-                                                   logprobs=logprobs_of(c.token_ids, c.logprobs, run.top_k))])
+                    choice = delta_choice(c.index, {"content": c.text},
+                                          logprobs=logprobs_of(c.token_ids, c.logprobs, run.top_k))
+                    if run.body.return_token_ids:
+                        choice["token_ids"] = list(c.token_ids)
+                    yield chunk(ids, [choice])
                 if c.finish_reason is not None:
                     yield chunk(ids, [delta_choice(c.index, {}, finish_reason=c.finish_reason)])
         if include_usage:
