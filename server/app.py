@@ -38,6 +38,7 @@ from framewise.server.tenants import KeyRing
 from framewise.server.video.decode import DecodeLimits
 from framewise.server.video.pool import DecodePool
 from framewise.server.video.service import FrameCache, VideoService
+from framewise.server.video.shared_cache import SharedFrameStore
 
 MB = 1 << 20
 ENGINE_WATCH_S = 1.0  # how often the engine watcher looks at the engine
@@ -119,7 +120,10 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
         media=MediaResolver(fetcher, store, spool, settings.allowed_local_media_path),
         video=VideoService(pool, FrameCache(int(settings.frame_cache_mb * MB)),
                            DecodeLimits(settings.max_duration_s, settings.max_pixels, settings.decode_threads),
-                           settings.decode_timeout_s),
+                           settings.decode_timeout_s,
+                           SharedFrameStore(os.path.join(settings.files_dir, "frame-cache"),
+                                            int(settings.shared_frame_cache_mb * MB))
+                           if settings.shared_frame_cache_mb > 0 else None),
         pool=pool,
         fetcher=fetcher,
         jobs=make_queue(settings),

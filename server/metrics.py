@@ -28,6 +28,11 @@ class Metrics:
                                         registry=r)
         self.frames_sampled = Counter("framewise_frames_sampled", "Video frames given to the model", registry=r)
         self.frame_cache_hits = Counter("framewise_frame_cache_hits", "Sampled-frame cache hits", registry=r)
+        self.frame_cache_lookups = Counter(
+            "framewise_frame_cache_lookups", "Sampled-frame lookups by where the frames came from: memory (this "
+            "replica), shared (another replica's, files_dir/frame-cache) or miss (decoded)", ["result"], registry=r)
+        for result in ("memory", "shared", "miss"):
+            self.frame_cache_lookups.labels(result)
         self.media_errors = Counter("framewise_media_errors", "Rejected media by code", ["code"], registry=r)
         self.inflight = Gauge("framewise_requests_in_flight", "Chat requests in flight", registry=r)
         self.body_bytes_in_flight = Gauge("framewise_request_body_bytes_in_flight",

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     decode_threads: int = _(2, "decoders working on one video in parallel")
     decode_timeout_s: float = _(60.0, "a video's decode at most")
     frame_cache_mb: float = _(512.0, "decoded-frame cache, MiB")
+    shared_frame_cache_mb: float = _(0.0, "decoded frames shared by replicas in files_dir/frame-cache, MiB (0: off; "
+                                          "for several gateways on one files volume)")
 
     # jobs (docs/design.md 5): Redis Streams when a URL is set, else the in-process queue
     redis_url: str | None = _(None, "job queue (env also REDIS_URL; default: the in-process queue)",

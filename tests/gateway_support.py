@@ -173,8 +173,10 @@ class Gateway:
             self.wait_ready()
 
     def wait_ready(self) -> Gateway:
+        """Until ``/ready`` answers 200, at most ``ready_s`` from the start (always asked once: a gateway started
+        early may have been ready long before the first test that waits for it)."""
         deadline = self.started + self.ready_s
-        while not self.ready and time.time() < deadline:
+        while not self.ready:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}; log: {self.log_path}")
             try:
@@ -183,6 +185,8 @@ class Gateway:
                     return self
             except httpx.HTTPError:
                 pass
+            if time.time() >= deadline:
+                break
             time.sleep(0.5)
         if self.ready:
             return self

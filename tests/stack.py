@@ -89,7 +89,7 @@ def _gateway(tc_llava_dir, media_origin, shared_files, loadtest_clip_port, tmp_p
     gw = Gateway(tc_llava_dir, tmp_path_factory.mktemp("gateway"), api_key=KEY,
                  allowed_hosts=f"127.0.0.1:{media.port},127.0.0.1:{loadtest_clip_port}",
                  env={"FRAMEWISE_QUEUE_KEEPALIVE_S": "0.05"}, args=gateway_args(media, shared_files), pin=True,
-                 ready_s=900, wait=False, make_serve=True)  # started as the README says: `make serve`
+                 ready_s=900, wait=False)
     gw.files_dir = shared_files
     yield gw
     gw.close()

@@ -62,6 +62,8 @@ def shared(docker: Docker, tc_llava_dir: Path) -> dict[str, Path]:
     shutil.copytree(tc_llava_dir, base / "model")
     (base / "media").mkdir()
     write_clip(str(base / "media" / "clip.mp4"), frames=24, fps=8, width=96, height=72)
+    for name, frames in (("followup.mp4", 20), ("other.mp4", 16)):  # asked about only by the affinity test
+        write_clip(str(base / "media" / name), frames=frames, fps=8, width=96, height=72)
     (base / "media" / "serve.py").write_text(SLOW_MEDIA_SERVER)
     for p in [base, *base.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
@@ -112,11 +114,16 @@ class Stack:
 def stack(docker: Docker, image: str, standins: dict, shared: dict, tmp_path_factory):
     work = tmp_path_factory.mktemp("compose")
     override = work / "compose.test.yaml"
+    shipped = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
     override.write_text(yaml.safe_dump({"services": {
         "redis": {"image": standins["redis"]},
         "prometheus": {"image": standins["prometheus"]},
-        "gateway": {"environment": {"FRAMEWISE_ALLOWED_MEDIA_HOSTS": "media"}},
-        "worker": {"environment": {"FRAMEWISE_JOB_VISIBILITY_TIMEOUT_S": "10", "FRAMEWISE_ALLOWED_MEDIA_HOSTS": "media"}},
+        "envoy": {"image": standins["envoy"]},
+        # the shipped commands, engines without torch.compile: three engines warm up at once on two cores
+        "gateway": {"environment": {"FRAMEWISE_ALLOWED_MEDIA_HOSTS": "media"},
+                    "command": [*shipped["gateway"]["command"], "--enforce-eager"]},
+        "worker": {"environment": {"FRAMEWISE_JOB_VISIBILITY_TIMEOUT_S": "10", "FRAMEWISE_ALLOWED_MEDIA_HOSTS": "media"},
+                   "command": [*shipped["worker"]["command"], "--enforce-eager"]},
         # the test's video, served from inside the compose network
         "media": {"image": image, "entrypoint": ["python3", "/media/serve.py"],
                   "volumes": [f"{shared['media']}:/media:ro"], "healthcheck": {"disable": True}},
@@ -126,13 +133,18 @@ def stack(docker: Docker, image: str, standins: dict, shared: dict, tmp_path_fac
         "FRAMEWISE_IMAGE": image, "FRAMEWISE_MODEL_DIR": str(shared["model"]), "FRAMEWISE_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()), "FRAMEWISE_KVCACHE_GB": "1", "FRAMEWISE_API_KEYS": "test-key"})
     try:
-        s.compose("up", "-d", "--no-build", "--scale", "worker=1", "redis", "media", "gateway", "worker",
-                  "prometheus", timeout=600)
+        # two gateways behind Envoy (the published port) and a worker: three engines load at once (a worker
+        # killed mid-job is shown with processes: tests/test_jobs_api.py)
+        s.compose("up", "-d", "--no-build", "--scale", "worker=1", "--scale", "gateway=2", "redis", "media",
+                  "gateway", "worker", "envoy", "prometheus", timeout=600)
         base = f"http://127.0.0.1:{s.env['FRAMEWISE_PORT']}"
-        # two engines load at once (a worker killed mid-job is shown with processes: tests/test_jobs_api.py)
-        _wait("gateway /ready", lambda: httpx.get(f"{base}/ready", timeout=5).status_code == 200, 1800, 3)
-        _wait("a healthy worker", lambda: [docker.inspect(c)["State"]["Health"]["Status"]
-                                           for c in s.containers("worker")] == ["healthy"], 900, 3)
+        for service, n in (("gateway", 2), ("worker", 1)):
+            _wait(f"{n} healthy {service}", lambda service=service, n=n: [
+                docker.inspect(c)["State"]["Health"]["Status"] for c in s.containers(service)] == ["healthy"] * n,
+                1800, 3)
+        _wait("the API through envoy", lambda: httpx.get(f"{base}/ready", timeout=5).status_code == 200, 120, 1)
+        _wait("a healthy envoy", lambda: [docker.inspect(c)["State"]["Health"]["Status"]
+                                          for c in s.containers("envoy")] == ["healthy"], 60, 2)
         s.base_url = base
         yield s
     finally:
@@ -209,10 +221,10 @@ class TestCompose:
             active = stack.prom("/api/v1/targets")["activeTargets"]
             up = [t for t in active if t["health"] == "up"]
             jobs = [t["labels"]["job"] for t in up]
-            return (jobs.count("framewise-gateway") == 1 and jobs.count("framewise-worker") == 1
-                    and len(up) == len(active) and up)
-        up = _wait("gateway + worker scraped", targets, 90)
-        assert len({t["labels"]["instance"] for t in up}) == 2
+            return (jobs.count("framewise-gateway") == 2 and jobs.count("framewise-worker") == 1
+                    and jobs.count("framewise-envoy") == 1 and len(up) == len(active) and up)
+        up = _wait("2 gateways + worker + envoy scraped", targets, 90)
+        assert len({t["labels"]["instance"] for t in up}) == 4
 
     def test_every_dashboard_and_alert_metric_was_scraped(self, stack: Stack, docker: Docker):
         used = _used_metric_names()
@@ -233,6 +245,44 @@ class TestCompose:
         out = docker.run("exec", prom, "promtool", "check", "rules", "/etc/prometheus/alerts.yml", check=False)
         n_rules = sum(len(g["rules"]) for g in yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"])
         assert "SUCCESS" in out and f"{n_rules} rules found" in out, out
+
+
+    def test_follow_ups_stay_on_one_gateway_and_move_when_it_stops(self, stack: Stack, docker: Docker):
+        """Through Envoy: questions about one video all reach one gateway (its frame-cache counters show the
+        follow-ups as memory hits); once that gateway is stopped, the video moves to the other, which finds
+        the frames in the shared frame cache and gives the same greedy answer. Last in the class: it stops a
+        gateway."""
+        gateways = stack.containers("gateway")
+        assert len(gateways) == 2
+
+        def lookups(cid: str) -> dict[str, float]:
+            [net] = docker.inspect(cid)["NetworkSettings"]["Networks"].values()
+            text = httpx.get(f"http://{net['IPAddress']}:8000/metrics", timeout=10).text
+            return {r: float(v) for r, v in re.findall(
+                r'^framewise_frame_cache_lookups_total\{result="(\w+)"\} (\S+)$', text, re.M)}
+
+        def ask(url: str) -> str:
+            r = httpx.post(f"{stack.base_url}/v1/chat/completions", headers=H, json=_chat_body(url), timeout=300)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        before = {c: lookups(c) for c in gateways}
+        answers = {ask("http://media:8080/followup.mp4") for _ in range(3)}
+        after = {c: lookups(c) for c in gateways}
+        changed = [c for c in gateways if after[c] != before[c]]
+        assert len(changed) == 1, (before, after)  # all three on one replica
+        [home] = changed
+        assert after[home]["miss"] - before[home]["miss"] == 1 and after[home]["memory"] - before[home]["memory"] == 2
+        assert len(answers) == 1 and answers != {""}  # greedy: the same answer each time
+        ask("http://media:8080/other.mp4")  # a second video: on either replica (its key decides)
+
+        [other] = [c for c in gateways if c != home]
+        was = lookups(other)
+        docker.run("stop", "-t", "45", home)
+        assert {ask("http://media:8080/followup.mp4") for _ in range(2)} == answers  # moved, still answered alike
+        now = lookups(other)
+        assert now["shared"] - was["shared"] == 1  # the stopped replica's decode, found in the shared cache
+        assert now["memory"] - was["memory"] == 1 and now["miss"] == was["miss"]
 
 
 def _k8s_env(container: dict, docs: list[dict], extra: dict) -> dict[str, str]:
@@ -294,7 +344,8 @@ def test_k8s_container_specs_run_under_docker(docker: Docker, image: str, standi
                 cmd += ["-e", f"{k}={v}"]
             if "command" in c:
                 cmd += ["--entrypoint", c["command"][0]]
-            cid = docker.run(*cmd, c["image"], *c.get("command", [])[1:], *c["args"]).strip()
+            # the manifest's args, the engine without torch.compile (two engines warm up at once on two cores)
+            cid = docker.run(*cmd, c["image"], *c.get("command", [])[1:], *c["args"], "--enforce-eager").strip()
             started.append(cid)
             ports = {p["name"]: p["containerPort"] for p in c["ports"]}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

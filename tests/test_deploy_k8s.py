@@ -116,6 +116,20 @@ def test_overlay_invariants(overlay):
     wspec = deployments["framewise-worker"]["spec"]["template"]["spec"]
     assert wspec["terminationGracePeriodSeconds"] >= float(flag(wk["args"], "--grace-s")) + 5
 
+    # Envoy in front: the ConfigMap holds the files tests/test_envoy_routing.py runs, the container mounts it
+    # where video_key.lua is looked for, and the headless Service it resolves lists ready gateway pods only
+    [envoy_cm] = [cm for name, cm in by_kind(docs, "ConfigMap").items() if name.startswith("framewise-envoy")]
+    for name in ("envoy.yaml", "video_key.lua"):
+        assert envoy_cm["data"][name] == (DEPLOY / "envoy" / name).read_text()
+    espec = deployments["framewise-envoy"]["spec"]["template"]["spec"]
+    [ec] = espec["containers"]
+    assert ec["args"][:2] == ["-c", "/etc/envoy/envoy.yaml"] and ec["readinessProbe"]["httpGet"]["port"] == "admin"
+    assert {"name": "config", "mountPath": "/etc/envoy", "readOnly": True} in ec["volumeMounts"]
+    assert [v["configMap"]["name"] for v in espec["volumes"]] == [envoy_cm["metadata"]["name"]]
+    pods = services["framewise-gateway-pods"]["spec"]
+    assert pods["clusterIP"] == "None" and not pods["publishNotReadyAddresses"]
+    assert "framewise-gateway-pods" in envoy_cm["data"]["envoy.yaml"]
+
     # KEDA scales the workers on the queued and running sets the code keeps (their SCARD)
     [so] = by_kind(docs, "ScaledObject").values()
     assert so["spec"]["scaleTargetRef"]["name"] == "framewise-worker"
@@ -160,7 +174,7 @@ def test_overlay_args_are_valid_framewise_command_lines(overlay):
             assert given == {} and "nvidia.com/gpu" not in c["resources"].get("limits", {})
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu", "deploy/envoy/Dockerfile"])
 def test_hadolint(dockerfile):
     out = subprocess.run([tool("hadolint"), str(ROOT / dockerfile)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -176,11 +190,19 @@ def test_compose_file_valid_for_compose_v1_and_spec():
                         timeout=120, env={"PATH": "/usr/bin:/bin", "DOCKER_HOST": "unix:///nonexistent"})
     assert v1.returncode == 0, v1.stderr
     cfg = yaml.safe_load(v1.stdout)
-    assert set(cfg["services"]) == {"redis", "gateway", "worker", "prometheus", "grafana"}
+    assert set(cfg["services"]) == {"redis", "gateway", "worker", "envoy", "prometheus", "grafana"}
     raw = yaml.safe_load(compose.read_text())
     assert "name" not in raw  # Compose v1 rejects it
     gw, wk = cfg["services"]["gateway"], cfg["services"]["worker"]
-    assert [str(p) for p in gw["ports"]] == ["127.0.0.1:8000:8000/tcp"]  # loopback unless FRAMEWISE_BIND says
+    envoy = cfg["services"]["envoy"]
+    # the API through envoy, on loopback unless FRAMEWISE_BIND says; gateways scale (no host port) and envoy
+    # finds every replica under the name its config uses
+    assert [str(p) for p in envoy["ports"]] == ["127.0.0.1:8000:8080/tcp"]
+    assert "ports" not in gw and "framewise-gateway-pods" in gw["networks"]["default"]["aliases"]
+    envoy_cfg = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
+    assert {c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+            for c in envoy_cfg["static_resources"]["clusters"]} == {"framewise-gateway-pods"}
+    assert gw["environment"]["FRAMEWISE_SHARED_FRAME_CACHE_MB"] == wk["environment"]["FRAMEWISE_SHARED_FRAME_CACHE_MB"]
     assert any(str(v).endswith(":/models/model:ro") for v in gw["volumes"])
     assert any(str(v) == "files:/data/files:rw" for v in gw["volumes"] + wk["volumes"])
     assert "ports" not in wk  # scalable: --scale worker=N
@@ -199,7 +221,8 @@ def _used_metric_names() -> set[str]:
     exprs += [t["expr"] for p in dash["panels"] for t in p["targets"]]
     names = set()
     for e in exprs:
-        names |= set(re.findall(r"\b(framewise_[a-z_]+|vllm:[a-z_:]+|up)\b", e))
+        e = re.sub(r"\b(by|without)\s*\([^)]*\)|\{[^}]*\}", "", e)  # label names and matchers are not metrics
+        names |= set(re.findall(r"\b(framewise_[a-z_]+|vllm:[a-z_:]+|envoy_[a-z_]+|up)\b", e))
     return names
 
 
@@ -238,7 +261,7 @@ def test_monitoring_component_matches_the_compose_prometheus(tmp_path):
     compose_jobs = {c["job_name"] for c in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
                     ["scrape_configs"]}
     monitors = by_kind(docs, "ServiceMonitor")
-    assert len(monitors) == 2
+    assert len(monitors) == 3
     jobs = set()
     for sm in monitors.values():
         want = sm["spec"]["selector"]["matchLabels"]
@@ -246,6 +269,6 @@ def test_monitoring_component_matches_the_compose_prometheus(tmp_path):
         jobs.add(svc["metadata"]["labels"][sm["spec"]["jobLabel"]])
         port_names = {p["name"] for p in svc["spec"]["ports"]}
         assert {e["port"] for e in sm["spec"]["endpoints"]} <= port_names
-    assert jobs == {"framewise-gateway", "framewise-worker"} <= compose_jobs
+    assert jobs == {"framewise-gateway", "framewise-worker", "framewise-envoy"} <= compose_jobs
     [rule] = by_kind(docs, "PrometheusRule").values()
     assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]

@@ -192,8 +192,9 @@ def test_served_with_defaults_answers_as_the_reference(real, media, arch, tmp_pa
                   "--frame-pooling", "2")
         assert out.returncode == 0, out.stderr
         name, key, args = "tc-llava-7b", README_KEY, readme_serve_args(model, port, f"127.0.0.1:{server.port}")
+    # TC-LLaVA through the README's `make serve` (set-up check, self-check, serve) with its serve example's flags
     gw = Gateway(model, tmp_path, api_key=key, allowed_hosts=f"127.0.0.1:{server.port}", args=args, pin=True,
-                 ready_s=300, port=port)
+                 ready_s=300, port=port, make_serve=arch == "tc-llava")
     try:
         client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, timeout=300)
 

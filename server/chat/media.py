@@ -210,6 +210,7 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
     if media.path is None:
         m.fetch_not_modified.inc()
     m.fetch_seconds.observe(media.fetch_seconds)
+    m.frame_cache_lookups.labels(res.cache).inc()
     if res.cache_hit:
         m.frame_cache_hits.inc()
     else:
@@ -220,7 +221,7 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
         "type": "video", "frames": len(res.video.timestamps), "timestamps": res.video.timestamps,
         "duration_s": round(info.duration, 3), "source_fps": round(info.frame_rate, 3), "codec": info.codec,
         "fetch_ms": round(media.fetch_seconds * 1000, 1), "decode_ms": round(res.decode_seconds * 1000, 1),
-        "cache_hit": res.cache_hit,
+        "cache_hit": res.cache_hit, "frame_cache": res.cache,
     }
 
 

@@ -6,6 +6,7 @@ not the gateway), by Pillow restricted to :data:`IMAGE_FORMATS`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from framewise.server.video.decode import (
 )
 from framewise.server.video.pool import DecodePool
 from framewise.server.video.sampling import FrameSampling
+from framewise.server.video.shared_cache import SharedFrameStore
 
 
 class FrameCache:
@@ -56,6 +58,7 @@ class VideoResult:
     video: SampledVideo
     decode_seconds: float
     cache_hit: bool
+    cache: str = "miss"  # "memory" (this replica's), "shared" (another replica decoded it) or "miss"
 
 
 class FramesEvicted(Exception):
@@ -63,12 +66,16 @@ class FramesEvicted(Exception):
 
 
 class VideoService:
-    def __init__(self, pool: DecodePool, cache: FrameCache, limits: DecodeLimits, decode_timeout_s: float):
+    def __init__(self, pool: DecodePool, cache: FrameCache, limits: DecodeLimits, decode_timeout_s: float,
+                 shared: SharedFrameStore | None = None):
         self.pool, self.cache, self.limits, self.timeout = pool, cache, limits, decode_timeout_s
+        self.shared = shared  # behind the in-memory cache: frames other replicas decoded
+        self._writes: set[asyncio.Future] = set()
 
     def cached(self, sha256: str, params: FrameSampling, *, default_frames: int, max_frames: int,
                shortest_edge: int | None) -> bool:
-        return self.cache.get((sha256, params.cache_key(), default_frames, max_frames, shortest_edge)) is not None
+        key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
+        return self.cache.get(key) is not None or (self.shared is not None and self.shared.has(key))
 
     async def sample(self, path: str | None, sha256: str, params: FrameSampling, *, default_frames: int,
                      max_frames: int, shortest_edge: int | None,
@@ -77,10 +84,15 @@ class VideoService:
         than ``queue_above_s`` (read off its header in the same decode call) and was not decoded.
         ``path`` None (a revalidated URL, no bytes at hand) and no cached frames: :class:`FramesEvicted`."""
         key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
-        if (hit := self.cache.get(key)) is not None:
+        hit, where = self.cache.get(key), "memory"
+        if hit is None and self.shared is not None:
+            hit, where = await asyncio.to_thread(self.shared.get, key), "shared"
+            if hit is not None:
+                self.cache.put(key, hit)
+        if hit is not None:
             if queue_above_s is not None and hit.info.duration > queue_above_s:
                 return None
-            return VideoResult(hit, 0.0, True)
+            return VideoResult(hit, 0.0, True, where)
         if path is None:
             raise FramesEvicted(sha256)
         start = time.perf_counter()
@@ -90,6 +102,10 @@ class VideoService:
         if isinstance(video, VideoInfo):
             return None
         self.cache.put(key, video)
+        if self.shared is not None:  # written beside the answer, not before it
+            write = asyncio.get_running_loop().run_in_executor(None, self.shared.put, key, video)
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
         return VideoResult(video, time.perf_counter() - start, False)
 
     async def header_duration(self, path: str) -> float | None:
