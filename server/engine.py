@@ -183,7 +183,7 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def render(self, messages: list[dict]) -> str:
-        if getattr(self, "string_content", False):
+        if self.string_content:
             from framewise.model_plugins.chat_template import as_string_content
 
             messages = as_string_content(messages, self.defaults.placeholders or {})

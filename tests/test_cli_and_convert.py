@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from framewise import model_plugins
+from framewise.model_plugins.reference.published import LLAVA_HF_CHAT_TEMPLATE
 from framewise.model_plugins.selfcheck import PluginSelfCheckError, check_plugin
 from tests.conftest import ROOT, _engine, cli, random_video
 
@@ -160,15 +161,7 @@ LLAVA_HF_IN_ORDER = (
     "{% elif content['type'] == 'text' %}{{ content['text'] + ' '}}{% endif %}{% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-LLAVA_HF_IMAGES_FIRST = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
-    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+LLAVA_HF_IMAGES_FIRST = LLAVA_HF_CHAT_TEMPLATE  # llava-1.5-7b-hf's chat_template.json: images first
 
 
 def llava_hf_template_checkpoint(llava_hf_dir, out, template: str, where: str):

@@ -384,20 +384,26 @@ def red_villm_config(tokenizer, **overrides):
     return RedVillmConfig(**cfg)
 
 
-def write_red_villm(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
-    """A tiny random RED-VILLM checkpoint in Qwen-VL's layout (``transformer.*``, ``lm_head.*``) plus
-    ``transformer.visual.temporal_module.*`` (and ``spatial_module.*`` for ``spatial_path=tokenwise``).
-    Every RED-VILLM config key can be overridden; the adapter's ``pos_embed`` keeps its sin-cos table."""
+def random_red_villm(config, seed: int):
+    """A randomly initialised RED-VILLM reference model; the adapter's ``pos_embed`` keeps its sin-cos table."""
     from framewise.model_plugins.reference.red_villm import RedVillmReference, sincos_2d
 
-    tokenizer = build_qwen_vl_tokenizer()
-    config = red_villm_config(tokenizer, **config_overrides)
     torch.manual_seed(seed)
     model = RedVillmReference(config)
     init_random_(model, seed)
     pool = model.transformer.visual.attn_pool
     with torch.no_grad():
         pool.pos_embed.copy_(sincos_2d(pool.pos_embed.shape[1], math.isqrt(pool.pos_embed.shape[0])))
+    return model
+
+
+def write_red_villm(out_dir: str, *, seed: int = 0, **config_overrides) -> str:
+    """A tiny random RED-VILLM checkpoint in Qwen-VL's layout (``transformer.*``, ``lm_head.*``) plus
+    ``transformer.visual.temporal_module.*`` (and ``spatial_module.*`` for ``spatial_path=tokenwise``).
+    Every RED-VILLM config key can be overridden; the adapter's ``pos_embed`` keeps its sin-cos table."""
+    tokenizer = build_qwen_vl_tokenizer()
+    config = red_villm_config(tokenizer, **config_overrides)
+    model = random_red_villm(config, seed)
     ids = tokenizer.convert_tokens_to_ids
     generation = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
                   "pad_token_id": ids("<|endoftext|>")}

@@ -327,8 +327,11 @@ def write_qwen_vl_chat(out: str | os.PathLike, *, seed: int = 0) -> Path:
     file names (not run: the converter writes a ``tokenizer.json``)."""
     import base64
 
-    from framewise.model_plugins.reference.demo_checkpoint import build_qwen_vl_tokenizer, red_villm_config
-    from framewise.model_plugins.reference.red_villm import RedVillmReference, sincos_2d
+    from framewise.model_plugins.reference.demo_checkpoint import (
+        build_qwen_vl_tokenizer,
+        random_red_villm,
+        red_villm_config,
+    )
     from framewise.model_plugins.tiktoken_convert import qwen_vl_special_tokens
 
     out = _fresh(out)
@@ -338,12 +341,7 @@ def write_qwen_vl_chat(out: str | os.PathLike, *, seed: int = 0) -> Path:
                               max_position_embeddings=8192, visual={"image_start_id": special["<img>"]},
                               bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
                               pad_token_id=special["<|endoftext|>"])
-    torch.manual_seed(seed)
-    model = RedVillmReference(config)
-    init_random_(model, seed)
-    pool = model.transformer.visual.attn_pool
-    with torch.no_grad():
-        pool.pos_embed.copy_(sincos_2d(pool.pos_embed.shape[1], math.isqrt(pool.pos_embed.shape[0])))
+    model = random_red_villm(config, seed)
     state = {k: v for k, v in model.state_dict().items()
              if not k.startswith(("transformer.visual.temporal_module.", "transformer.visual.spatial_module."))}
     save_sharded(out, state, 10)
