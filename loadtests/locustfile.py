@@ -21,11 +21,13 @@ Options below are locust options (``--model`` ...) or environment variables (``L
 ``FRAMEWISE_LOCUST_LOG=PATH`` (``python -m loadtests.chaos`` sets it) appends one JSON line per request (its start
 and end time, name, HTTP status -- 0: no response --, the error and the gateway's error code when it failed)
 and one per job id the gateway accepted (a ``POST /v1/jobs``, or a chat completion that ran as a job: its id
-from the result, the error that ended the wait, or the stream's ``: queued as`` comment).
+from the result, the error that ended the wait, or the stream's ``: queued as`` comment), and one per metric
+sample (TTFT ...: its name and value, for exact percentiles: ``python -m bench.affinity``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -58,6 +60,9 @@ def _options(parser) -> None:
     g.add_argument("--max-tokens", env_var="LOCUST_MAX_TOKENS", type=int, default=16)
     g.add_argument("--questions", env_var="LOCUST_QUESTIONS", type=int, default=4,
                    help="questions per video in the repeat scenario")
+    g.add_argument("--clip-order", env_var="LOCUST_CLIP_ORDER", choices=("random", "cycle"), default="random",
+                   help="repeat scenario: a random clip each time, or the clips in turn across users (many videos, "
+                        "each new until the list wraps)")
     g.add_argument("--request-timeout", env_var="LOCUST_REQUEST_TIMEOUT", type=float, default=600)
 
 
@@ -108,7 +113,8 @@ if _LOG_PATH:
     @events.request.add_listener
     def _log_request(request_type, name, response_time, response_length, exception=None, response=None,
                      start_time=None, **_kw) -> None:
-        if request_type == "METRIC":
+        if request_type == "METRIC":  # a TTFT or latency sample: kept for exact percentiles (bench/affinity.py)
+            _log({"kind": "metric", "t": time.time(), "name": name, "ms": response_time})
             return
         end = time.time()
         status = getattr(response, "status_code", None) or 0
@@ -280,9 +286,15 @@ def nonstream_chat(user: VideoUser) -> None:
     user.chat(user.body(random.choice(user.clips), random.choice(QUESTIONS), False), "chat [nonstream]")
 
 
+_next_clip = itertools.count()  # --clip-order cycle: shared by the users of this process
+
+
 def repeat_questions(user: VideoUser) -> None:
     """One video, several questions: the first decodes, the rest hit the frame cache and the prefix cache."""
-    url = random.choice(user.clips)
+    if user.opts.clip_order == "cycle":
+        url = user.clips[next(_next_clip) % len(user.clips)]
+    else:
+        url = random.choice(user.clips)
     for i in range(user.opts.questions):
         name = "first" if i == 0 else "next"
         user.stream(user.body(url, QUESTIONS[i % len(QUESTIONS)], True), f"chat [repeat {name}]",

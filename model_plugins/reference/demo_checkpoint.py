@@ -7,6 +7,8 @@ real llava-hf checkpoint takes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -160,9 +162,20 @@ def save_checkpoint(out_dir: str, config, tokenizer, model: torch.nn.Module, ipc
         for name, data in (json_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(data, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        for _ in range(5):  # another writer (a second `make demo-model`) may replace out_dir meanwhile
+            if os.path.exists(out_dir):
+                old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(out_dir, old)
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out_dir)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        else:
+            raise OSError(f"{out_dir} kept being replaced by another writer")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
