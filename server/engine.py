@@ -26,6 +26,7 @@ class ModelDefaults:
     video_tokens: Callable[[int], int] | None = None  # frames -> LLM tokens of one video (None: size-dependent)
     describe_video: Callable[[int], str] | None = None  # frames -> "8 × 576 = 4608"
     fps_rule: str = "midpoints"  # how fps sampling picks frames (server/video/sampling.py FPS_RULES)
+    seek: str | None = None  # the checkpoint's default video_url.seek (config.json ``video_seek``), if any
 
 
 def check_geometry(settings: Settings, overrides: dict | None = None):
@@ -70,6 +71,14 @@ def engine_args(settings: Settings, overrides: dict | None = None):
     return AsyncEngineArgs(**{**defaults, **(overrides or {})})
 
 
+def _seek_mode(value) -> str | None:
+    from framewise.server.video.sampling import SEEK_MODES
+
+    if value is not None and value not in SEEK_MODES:
+        raise ValueError(f"config.json video_seek={value!r}: one of {', '.join(SEEK_MODES)}")
+    return value
+
+
 def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelDefaults:
     """The gateway's view of the served model, from its config and tokenizer."""
     from framewise.model_plugins.preprocess import load_image_processor_config
@@ -95,6 +104,7 @@ def model_defaults(cfg, tokenizer, model_dir: str, max_model_len: int) -> ModelD
         max_model_len=max_model_len,
         fps=float(cfg.fps) if getattr(cfg, "fps", None) else None,
         fps_rule=str(getattr(cfg, "frame_sampling", None) or "midpoints"),
+        seek=_seek_mode(getattr(cfg, "video_seek", None)),
         placeholders=placeholders,
     )
 

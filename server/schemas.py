@@ -19,6 +19,9 @@ class VideoURL(BaseModel):
     fps: float | None = Field(None, gt=0, le=MAX_SAMPLING_FPS)
     start: float | None = Field(None, ge=0)
     end: float | None = Field(None, gt=0)
+    # "keyframe": the nearest keyframe inside each sampled instant's segment (far less decoding on long videos
+    # with sparse keyframes), else the exact frame; default: the server's --video-seek, the model's, "exact"
+    seek: Literal["exact", "keyframe"] | None = None
 
     @field_validator("end")
     @classmethod

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     decode_workers: int = _(2, "decode processes")
     decode_threads: int = _(2, "decoders working on one video in parallel")
     decode_timeout_s: float = _(60.0, "a video's decode at most")
+    video_seek: Literal["exact", "keyframe"] | None = _(
+        None, "default video_url.seek: exact frames, or the nearest keyframe inside each sampled segment "
+              "(default: the checkpoint's config.json video_seek, else exact)")
     frame_cache_mb: float = _(512.0, "decoded-frame cache, MiB")
     shared_frame_cache_mb: float = _(0.0, "decoded frames shared by replicas in files_dir/frame-cache, MiB (0: off; "
                                           "for several gateways on one files volume)")

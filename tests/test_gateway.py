@@ -31,6 +31,7 @@ def media(media_origin):
     write_clip(str(d / "audio.mkv"), frames=48, fps=24, audio=True)
     write_clip(str(d / "vfr.mp4"), frames=6, fps=10, frame_times=[0, 0.1, 0.15, 0.6, 1.5, 1.9])
     write_clip(str(d / "one.mp4"), frames=1)
+    write_clip(str(d / "gop1s.mp4"), frames=96, fps=24, gop=24)  # 4 s, a keyframe every second
     write_clip(str(d / "long.mp4"), frames=150, fps=24)  # 6.25 s: above --queue-above-s
     write_clip(str(d / "odd.mp4"), frames=12, width=97, height=61, pix_fmt="yuv444p")
     write_clip(str(d / "tenhours.mp4"), frames=2, frame_times=[0.0, 36000.0])
@@ -135,6 +136,22 @@ def test_sampling_controls_are_reported(client, media):
     assert len(stamps()) == 8  # the model's default (num_frames in config.json)
 
 
+def test_keyframe_seek_is_reported_per_frame(client, media):
+    """``seek: keyframe``: each segment's keyframe instead of its midpoint, with the planned instant and the mode
+    used per frame; the default stays exact (and is cached apart)."""
+    def report(**sampling):
+        r = client.chat.completions.create(model=MODEL, max_tokens=1,
+                                           messages=video_message(media.url("gop1s.mp4"), num_frames=4, **sampling))
+        return r.model_extra["framewise"]["media"][0]
+
+    exact, kf = report(), report(seek="keyframe")
+    assert exact["seek"] == "exact" and exact["seek_used"] == ["exact"] * 4
+    assert exact["timestamps"] == pytest.approx([12 / 24, 36 / 24, 60 / 24, 84 / 24], abs=1e-3)
+    assert kf["seek"] == "keyframe" and kf["seek_used"] == ["keyframe"] * 4 and kf["frame_cache"] == "miss"
+    assert kf["targets"] == exact["targets"] == pytest.approx([0.5, 1.5, 2.5, 3.5], abs=1e-3)
+    assert kf["timestamps"] == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=1e-3)
+
+
 # ---- bad input: right status and code, and the server keeps serving -------------------------
 
 
@@ -181,6 +198,7 @@ def test_invalid_requests(gateway, media):
          "invalid_parameter"),
         ({"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=0)}, 422, "invalid_parameter"),
         ({"model": MODEL, "messages": video_message(media.url("h264.mp4"), num_frames=99)}, 400, "invalid_sampling"),
+        ({"model": MODEL, "messages": video_message(media.url("h264.mp4"), seek="nearest")}, 422, "invalid_parameter"),
         ({"model": MODEL, "messages": video_message("ftp://example.org/v.mp4")}, 400, "invalid_url"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context_length_exceeded"),
     ]

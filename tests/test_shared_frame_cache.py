@@ -106,6 +106,8 @@ def test_a_video_one_replica_decoded_is_a_hit_for_another(tmp_path):
     assert [r.pool.calls for r in replicas] == [1, 0]  # the second replica decoded nothing
     assert np.array_equal(second.video.frames, first.video.frames)
     assert second.video.timestamps == first.video.timestamps and second.video.info == first.video.info
+    for k in ("targets", "seek_used"):  # the per-frame seek report survives the shared cache
+        assert second.video.extra[k] == first.video.extra[k] and len(first.video.extra[k]) == 4
     direct = sample_video(clip, params, **shape)
     assert np.array_equal(direct.frames, second.video.frames)
     assert replicas[1].cached("sha-clip", params, **shape) and not replicas[1].cached("other", params, **shape)

@@ -165,7 +165,8 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
     route_long = run.route_long
     defaults = services.engine.defaults
     params = FrameSampling(v.num_frames, _fps(v, defaults), v.start, v.end,
-                           fps_rule=getattr(defaults, "fps_rule", "midpoints"))
+                           fps_rule=getattr(defaults, "fps_rule", "midpoints"),
+                           seek=v.seek or s.video_seek or getattr(defaults, "seek", None) or "exact")
     shape = {"default_frames": defaults.num_frames, "max_frames": defaults.max_frames,
              "shortest_edge": defaults.shortest_edge}
     queue_above_s = s.queue_above_s if route_long else None
@@ -222,6 +223,8 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
         "duration_s": round(info.duration, 3), "source_fps": round(info.frame_rate, 3), "codec": info.codec,
         "fetch_ms": round(media.fetch_seconds * 1000, 1), "decode_ms": round(res.decode_seconds * 1000, 1),
         "cache_hit": res.cache_hit, "frame_cache": res.cache,
+        # per frame: the planned instant and how it was reached (seek "keyframe" may return a nearby keyframe)
+        "seek": params.seek, "targets": res.video.extra.get("targets"), "seek_used": res.video.extra.get("seek_used"),
     }
 
 

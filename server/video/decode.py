@@ -31,7 +31,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from framewise.server.video.sampling import FrameSampling, SamplingError, plan_timestamps
+from framewise.server.video.sampling import FrameSampling, SamplingError, keyframe_targets, plan_timestamps
 
 
 class MediaError(Exception):
@@ -274,6 +274,13 @@ def sample_video(
     except BaseException:
         container.close()
         raise
+    planned, seek_used = targets, ["exact"] * len(targets)
+    if params.seek == "keyframe" and keyframes:  # no index (MPEG-TS, raw streams): every target exact
+        end = info.duration if params.end is None else min(params.end, info.duration)
+        # the index holds decode times: where B-frames delay presentation (MP4) the first keyframe's lies before
+        # the stream's start by that delay; a keyframe is on screen that much later than its index entry
+        delay = max(0.0, -keyframes[0])
+        targets, seek_used = keyframe_targets(planned, [k + delay for k in keyframes], params.start or 0.0, end)
     width, height = _scaled_size(info.width, info.height, shortest_edge)
     runs = _plan_runs(targets, keyframes)
     # no more threads than CPUs this process may run on: on one CPU (a pinned server) a second decoder or codec
@@ -329,7 +336,8 @@ def sample_video(
     frames = out[0] if len(got) == len(targets) else out[0][got]
     return SampledVideo(frames, [stamps[i] for i in got], info,
                         decoded_frames=sum(d for d, _ in counts), seeks=sum(s for _, s in counts),
-                        extra={"decoders": decoders})
+                        extra={"decoders": decoders, "targets": [round(planned[i], 6) for i in got],
+                               "seek_used": [seek_used[i] for i in got]})
 
 
 NO_INDEX_SEEK_GAP_S = 3.0

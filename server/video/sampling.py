@@ -8,6 +8,7 @@ returns, for each instant, the frame on screen at that instant.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ class SamplingError(ValueError):
 # ``qwen2vl_eval`` (STAVE's evaluation path: :func:`qwen2vl_eval_indices`). A model's config.json names its own
 # (``frame_sampling``); num_frames requests always take uniform midpoints.
 FPS_RULES = ("midpoints", "qwen2vl_eval")
+# How the decoder reaches each planned instant (``video_url.seek``): ``exact`` (the frame on screen then) or
+# ``keyframe`` (the nearest keyframe inside the instant's own segment, else exact: :func:`keyframe_targets`).
+SEEK_MODES = ("exact", "keyframe")
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,10 @@ class FrameSampling:
     start: float | None = None
     end: float | None = None
     fps_rule: str = "midpoints"
+    seek: str = "exact"
 
     def cache_key(self) -> tuple:
-        return (self.num_frames, self.fps, self.start, self.end, self.fps_rule)
+        return (self.num_frames, self.fps, self.start, self.end, self.fps_rule, self.seek)
 
 
 def _round_even(x: float) -> int:
@@ -125,3 +130,24 @@ def plan_timestamps(
         return [(first + k + 0.5) / frame_rate for k in range(available)]
     seg = span / wanted
     return [start + (i + 0.5) * seg for i in range(wanted)]
+
+
+def keyframe_targets(targets: list[float], keyframes: list[float], start: float,
+                     end: float) -> tuple[list[float], list[str]]:
+    """``seek: keyframe``: each planned instant moved to the keyframe nearest it inside its own segment -- the
+    instants closer to it than to its neighbours, within ``[start, end)``; for uniform and fps sampling exactly
+    the equal segments whose midpoints the targets are -- or kept where its segment holds no keyframe. The
+    frame count and order never change (segments do not overlap). Returns the instants and, for each, the
+    mode used (``keyframe`` or ``exact``). ``keyframes``: sorted seconds from the stream start."""
+    out, used = [], []
+    for i, t in enumerate(targets):
+        lo = start if i == 0 else (targets[i - 1] + t) / 2
+        hi = end if i == len(targets) - 1 else (t + targets[i + 1]) / 2
+        inside = keyframes[bisect.bisect_left(keyframes, lo - 1e-9):bisect.bisect_left(keyframes, hi - 1e-9)]
+        if inside:
+            out.append(min(inside, key=lambda k: (abs(k - t), k)))
+            used.append("keyframe")
+        else:
+            out.append(t)
+            used.append("exact")
+    return out, used

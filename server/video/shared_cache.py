@@ -49,7 +49,8 @@ class SharedFrameStore:
             frames = np.load(frames_path, allow_pickle=False)
             if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != len(meta["timestamps"]):
                 raise ValueError("frames do not match their metadata")
-            video = SampledVideo(frames=frames, timestamps=list(meta["timestamps"]), info=VideoInfo(**meta["info"]))
+            video = SampledVideo(frames=frames, timestamps=list(meta["timestamps"]), info=VideoInfo(**meta["info"]),
+                                 extra={k: list(meta[k]) for k in ("targets", "seek_used") if k in meta})
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
@@ -65,7 +66,8 @@ class SharedFrameStore:
             return
         frames_path, meta_path = self._paths(key)
         frames_path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"timestamps": list(video.timestamps), "info": asdict(video.info)}
+        meta = {"timestamps": list(video.timestamps), "info": asdict(video.info),
+                **{k: list(video.extra[k]) for k in ("targets", "seek_used") if k in video.extra}}
         self._write(frames_path, lambda f: np.save(f, frames, allow_pickle=False))
         self._write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         self._evict()
