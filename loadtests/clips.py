@@ -69,12 +69,13 @@ CORPUS: dict[str, ClipSpec] = {s.name: s for s in (
     ClipSpec("10min-h264", 600, base="60s-h264", repeat=10),
     ClipSpec("10min-textured-gop2s", 600, textured=True, gop_s=2, base="60s-textured-gop2s", repeat=10),
     ClipSpec("10min-textured-gop8s", 600, textured=True, gop_s=8, base="40s-textured-gop8s", repeat=15),
+    ClipSpec("120min-h264", 7200, base="60s-h264", repeat=120),
 )}
 
 SETS: dict[str, list[str]] = {
     "smoke": ["short-h264", "short-vp9"],
     "default": ["short-h264", "short-vp9", "60s-h264", "60s-vp9", "60s-textured-gop2s"],
-    "full": list(CORPUS),
+    "full": [name for name in CORPUS if name != "120min-h264"],
 }
 
 

@@ -92,3 +92,12 @@ def test_the_mode_is_a_request_field_a_server_default_or_the_models():
     with pytest.raises(ValueError, match="video_seek"):
         _seek_mode("fast")
     assert FrameSampling(8, seek="keyframe").cache_key() != FrameSampling(8).cache_key()  # cached apart
+
+
+def test_a_keyframe_whose_time_is_not_a_round_float_costs_one_keyframe(tmp_path):
+    """30 fps, a keyframe every 250 frames (8.333... s, x264's default interval): seeking to the float time itself
+    landed a tick before the keyframe, and the decoder went back one whole GOP (250 frames for one)."""
+    path = write_clip(str(tmp_path / "gop250.mp4"), frames=600, fps=30, gop=250)
+    v = sample(path, "keyframe", num_frames=2)
+    assert [read_index(f) for f in v.frames] == [250, 500] and v.extra["seek_used"] == ["keyframe"] * 2
+    assert v.decoded_frames <= 6, v.decoded_frames

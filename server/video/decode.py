@@ -281,6 +281,10 @@ def sample_video(
         # the stream's start by that delay; a keyframe is on screen that much later than its index entry
         delay = max(0.0, -keyframes[0])
         targets, seek_used = keyframe_targets(planned, [k + delay for k in keyframes], params.start or 0.0, end)
+        # aim 1 ms past each keyframe (still on screen): a float that lands a tick before it would make the
+        # seek take the keyframe before it and decode that whole GOP
+        nudge = min(1e-3, 0.25 / (info.frame_rate or 25.0))
+        targets = [t + nudge if used == "keyframe" else t for t, used in zip(targets, seek_used, strict=True)]
     width, height = _scaled_size(info.width, info.height, shortest_edge)
     runs = _plan_runs(targets, keyframes)
     # no more threads than CPUs this process may run on: on one CPU (a pinned server) a second decoder or codec
