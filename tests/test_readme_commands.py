@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tests.conftest import ROOT
 from tests.docker_support import readme_deploy
 from tests.test_deploy_k8s import OVERLAYS
+from tests.test_real_shapes import readme_blocks
 
 RUN_HERE = ("make lint", "make test-fast", "make test-docker")
 RUN_BY = {  # command: (the file that runs it, a word it uses to)
@@ -31,14 +32,11 @@ RUN_BY = {  # command: (the file that runs it, a word it uses to)
 
 def readme_commands() -> list[list[str]]:
     """Each command line of the README's ``bash`` blocks as words (continuations joined, comments dropped)."""
-    text = (ROOT / "README.md").read_text()
     out = []
-    for block in text.split("```")[1::2]:
-        lang, _, body = block.partition("\n")
-        if lang.strip() in ("bash", "sh"):
-            for line in body.replace("\\\n", " ").splitlines():
-                if words := shlex.split(line, comments=True):
-                    out.append(words)
+    for body in readme_blocks("bash"):
+        for line in body.replace("\\\n", " ").splitlines():
+            if words := shlex.split(line, comments=True):
+                out.append(words)
     return out
 
 
