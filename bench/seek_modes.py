@@ -7,7 +7,7 @@ One ``sample_video`` call per run, as a decode worker makes it (336 px edge, ``D
 pinned to one CPU like the benchmark's server. Per clip, frame count and mode: median wall and CPU seconds,
 frames decoded per frame returned, seeks, and the mean / max distance between each returned frame and its
 planned instant (from the index coded in the frame's pixels: the frame's true position, not the decoder's
-word). The floor: the same keyframes sought and decoded one frame each by a bare PyAV loop (no sampling
+word), and the bytes read of the file (every read counted: ``server/media/readers.py``). The floor: the same keyframes sought and decoded one frame each by a bare PyAV loop (no sampling
 planner, no scaling), the least any keyframe sampler can do. Ratios are of CPU seconds (one core: the decode
 time a request waits for on a pinned server, and robust to other load on the machine). Results: ``bench/results/seek_modes.json``.
 """
@@ -76,6 +76,7 @@ def measure(path: Path, name: str, n: int, seek: str, runs: int) -> dict:
             "cpu_s": round(statistics.median(cpus), 3), "decoded_frames": v.decoded_frames,
             "decoded_per_frame": round(v.decoded_frames / n, 1), "seeks": v.seeks,
             "keyframes_used": v.extra["seek_used"].count("keyframe"),
+            "bytes_read": v.extra["bytes_read"], "read_pct": round(100 * v.extra["bytes_read"] / path.stat().st_size, 2),
             "mean_offset_s": round(sum(off) / n, 3), "max_offset_s": round(max(off), 3),
             "reported_is_true": all(abs(a - b) < 0.5 / fps for a, b in zip(true, v.timestamps, strict=True)),
             "returned_s": [round(t, 3) for t in true], "_keys": [t for t, u in zip(true, v.extra["seek_used"],

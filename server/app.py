@@ -117,7 +117,9 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
         engine=engine or Engine(settings),
         metrics=Metrics(),
         files=store,
-        media=MediaResolver(fetcher, store, spool, settings.allowed_local_media_path),
+        media=MediaResolver(fetcher, store, spool, settings.allowed_local_media_path,
+                            ranged_from=None if settings.range_reads_above_mb is None
+                            else int(settings.range_reads_above_mb * MB)),
         video=VideoService(pool, FrameCache(int(settings.frame_cache_mb * MB)),
                            DecodeLimits(settings.max_duration_s, settings.max_pixels, settings.decode_threads),
                            settings.decode_timeout_s,

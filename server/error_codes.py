@@ -12,7 +12,7 @@ CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "unsupported_codec": ((400,), "the video codec is not supported"),
     "decode_timeout": ((400,), "decoding took longer than `--decode-timeout-s` (the decode worker is replaced)"),
     "decode_failed": ((400,), "the decoder crashed on this video (the decode worker is replaced) or could not decode it"),
-    "fetch_failed": ((400, 504), "the media server could not be reached, answered other than 200, or the transfer broke (504 when the request's deadline had passed meanwhile)"),
+    "fetch_failed": ((400, 504), "the media server could not be reached, answered other than 200 (206 to a ranged read), the transfer broke, or the bytes changed while the decoder read them in ranges (504 when the request's deadline had passed meanwhile)"),
     "url_not_allowed": ((400,), "the URL's host resolves only to refused addresses ([Fetching](#fetching)), a redirect leads there, too many redirects, a scheme other than http(s), or a `file://` URL outside `--allowed-local-media-path`"),
     "invalid_url": ((400,), "a media URL that cannot be parsed, a source that is none of http(s), `data:`, `file-<id>`, `file://`, or a `data:` URL that is not valid base64"),
     "context_length_exceeded": ((400,), "the prompt, visual tokens included, is longer than the model's context (`--max-model-len`); refused before any fetch when the videos' frames × tokens per frame alone exceed it"),

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from framewise.server.error_codes import CODES
 from framewise.server.jobs.base import JobQuotaExceeded, QueueUnavailable
-from framewise.server.video.decode import MediaError
+from framewise.server.video.errors import MediaError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",

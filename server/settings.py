@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     job_fetch_attempts: int = _(3, "a job's transient fetch failures (timeouts, connection errors, origin 5xx/429) "
                                    "are tried this many times in all, with backoff")
     max_redirects: int = _(5, "redirects followed per fetch")
+    range_reads_above_mb: float | None = _(
+        32.0, "an http(s) video at least this large, from an origin that serves byte ranges with a strong "
+              "validator, is read in ranges by the decoder (only the index and the packets it needs) instead of "
+              "downloaded first; above --max-video-mb: always download")
     allowed_media_hosts: CommaList = _(list, "hosts, host:port or CIDRs that may be fetched even if private "
                                              "(comma list; repeatable)")
     allowed_local_media_path: str | None = _(None, "a directory whose files file:// URLs may name")
@@ -118,7 +122,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = _(3, "attempts of a job before it is dead-lettered")
     queue_above_s: float | None = _(600.0, "chat completions whose video lasts longer run as jobs (the client "
                                            "still gets a completion)")
-    queue_above_mb: float | None = _(128.0, "... or whose video is larger than this, MiB")
+    queue_above_mb: float | None = _(128.0, "... or whose video is larger than this, MiB (to download: a video "
+                                            "read in ranges goes by its duration)")
     queue_keepalive_s: float = _(5.0, "a queued stream's keep-alive comment interval")
     queued_wait_s: float = _(3600.0, "a chat completion run as a job keeps its connection waiting this long at "
                                      "most (from when it is queued); then 504 naming the job, which runs on")

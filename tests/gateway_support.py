@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -42,10 +43,15 @@ def free_port() -> int:
 
 class MediaServer:
     """Serves files from ``root`` plus test routes, under any folder (``/slow``, ``/gateway/slow``):
-    ``slow/NAME`` (NAME after 30 s), ``big`` (an endless body), ``redirect?to=URL``."""
+    ``slow/NAME`` (NAME after 30 s), ``big`` (an endless body), ``redirect?to=URL``, ``ranged/NAME`` (NAME with
+    byte ranges, a strong ``ETag`` (weak with ``?weak=1``) and ``If-Match``, in 4 KiB writes with ``?trickle=1``; the body bytes written per name are
+    counted in ``served``, the ``Range`` headers asked recorded in ``ranges``)."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
+        self.root, self.host, self.scheme = root, host, "https" if tls is not None else "http"
+        self.served: dict[str, int] = {}
+        self.ranges: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
         outer = self
 
         class Handler(SimpleHTTPRequestHandler):
@@ -76,16 +82,70 @@ class MediaServer:
                     self.send_header("Location", rest.split("=", 1)[1])
                     self.end_headers()
                     return None
+                if route == "ranged":
+                    return self.ranged(folder + rest)
                 return super().do_GET()
+
+            def ranged(self, target: str) -> None:
+                name, _, query = target.partition("?")
+                path = outer.root / unquote(name.lstrip("/"))
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                st = path.stat()
+                size, etag = st.st_size, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+                if "weak=1" in query:
+                    etag = "W/" + etag
+                asked = self.headers.get("Range")
+                with outer.lock:
+                    outer.ranges.setdefault(name, []).append(asked or "")
+                if self.headers.get("If-Match") not in (None, etag):
+                    self.send_response(412)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start, end = 0, size - 1
+                if self.headers.get("If-Range") not in (None, etag):
+                    asked = None  # another version than the client has: all of this one
+                if asked:
+                    first, _, last = asked.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(size - 1, int(last)) if last else size - 1
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", etag)
+                self.send_header("Content-Type", "video/mp4")
+                self.end_headers()
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    left = end - start + 1
+                    step = 4096 if "trickle=1" in query else 65536  # trickle: small writes, each flushed
+                    try:
+                        while left > 0:
+                            piece = f.read(min(left, step))
+                            self.wfile.write(piece)
+                            if step < 65536:
+                                self.wfile.flush()
+                                time.sleep(0.002)
+                            left -= len(piece)
+                            with outer.lock:
+                                outer.served[name] = outer.served.get(name, 0) + len(piece)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True
+        if tls is not None:  # HTTPS: every accepted connection does the TLS handshake first
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{self.scheme}://{self.host}:{self.port}/{name}"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -97,7 +157,7 @@ def _route(path: str) -> tuple[str, str | None, str]:
     head, _, query = path.partition("?")
     parts = head.split("/")
     for i in (1, 2):
-        if i < len(parts) and parts[i] in ("slow", "big", "redirect"):
+        if i < len(parts) and parts[i] in ("slow", "big", "redirect", "ranged"):
             rest = "/" + "/".join(parts[i + 1:]) + (f"?{query}" if query else "")
             if parts[i] == "redirect":
                 rest = "?" + query

@@ -80,7 +80,8 @@ EAGER = ("--enforce-eager",)
 def gateway_args(media: Media, files: Path, *extra: str) -> tuple[str, ...]:
     return ("--served-model-name", MODEL, "--files-dir", str(files), "--max-video-mb", "4", "--max-upload-mb", "1",
             "--fetch-timeout-s", "5", "--decode-timeout-s", "20", "--max-duration-s", "3600",
-            "--queue-above-s", str(QUEUE_ABOVE_S), "--allowed-local-media-path", str(media.root), *extra)
+            "--queue-above-s", str(QUEUE_ABOVE_S), "--allowed-local-media-path", str(media.root),
+            "--range-reads-above-mb", "1", *extra)
 
 
 @pytest.fixture(scope="session")

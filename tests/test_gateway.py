@@ -32,6 +32,8 @@ def media(media_origin):
     write_clip(str(d / "vfr.mp4"), frames=6, fps=10, frame_times=[0, 0.1, 0.15, 0.6, 1.5, 1.9])
     write_clip(str(d / "one.mp4"), frames=1)
     write_clip(str(d / "gop1s.mp4"), frames=96, fps=24, gop=24)  # 4 s, a keyframe every second
+    # 4 s, 1.5 MB (every frame costs bytes): above the gateway's --range-reads-above-mb 1
+    write_clip(str(d / "noisy.mp4"), frames=48, fps=12, width=640, height=360, gop=12, noise=240)
     write_clip(str(d / "long.mp4"), frames=150, fps=24)  # 6.25 s: above --queue-above-s
     write_clip(str(d / "odd.mp4"), frames=12, width=97, height=61, pix_fmt="yuv444p")
     write_clip(str(d / "tenhours.mp4"), frames=2, frame_times=[0.0, 36000.0])
@@ -150,6 +152,25 @@ def test_keyframe_seek_is_reported_per_frame(client, media):
     assert kf["seek"] == "keyframe" and kf["seek_used"] == ["keyframe"] * 4 and kf["frame_cache"] == "miss"
     assert kf["targets"] == exact["targets"] == pytest.approx([0.5, 1.5, 2.5, 3.5], abs=1e-3)
     assert kf["timestamps"] == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=1e-3)
+
+
+def test_a_range_origin_is_read_in_ranges_through_the_gateway(client, media):
+    """The same video from an origin that serves byte ranges (read in ranges by the decoder: a fraction of the
+    file) and from one that does not (downloaded whole): the same frames, the same greedy answer."""
+    def ask(url: str):
+        r = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0,
+                                           messages=video_message(url, num_frames=4, seek="keyframe"))
+        return r.choices[0].message.content, r.model_extra["framewise"]["media"][0]
+
+    size = (media.root / "noisy.mp4").stat().st_size
+    served_before = media.server.served.get("/gateway/noisy.mp4", 0)
+    ranged_answer, ranged = ask(media.url("ranged/noisy.mp4"))
+    assert ranged["read"] == "ranged" and ranged["size_bytes"] == size and ranged["frame_cache"] == "miss"
+    assert ranged["bytes_read"] == media.server.served["/gateway/noisy.mp4"] - served_before < size * 0.75
+    answer, downloaded = ask(media.url("noisy.mp4"))
+    assert downloaded["read"] == "download" and downloaded["size_bytes"] == size
+    assert downloaded["timestamps"] == ranged["timestamps"] and answer == ranged_answer
+    assert ranged["seek_used"] == ["keyframe"] * 4
 
 
 # ---- bad input: right status and code, and the server keeps serving -------------------------

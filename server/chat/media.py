@@ -94,15 +94,17 @@ def _early_check(services, url: str):
     return early
 
 
-async def _resolve(services, url: str, max_bytes: int, run: MediaRun, early=None):
+async def _resolve(services, url: str, max_bytes: int, run: MediaRun, early=None, ranged: bool = False):
     """The media, with a job's fetch policy: a job-sized timeout, transient failures tried
-    ``job_fetch_attempts`` times in all with backoff (1 s, 2 s, ...)."""
+    ``job_fetch_attempts`` times in all with backoff (1 s, 2 s, ...). ``ranged``: a video, which a range-serving
+    origin may let the decoder read in ranges."""
     s = services.settings
     if not run.job:
-        return await services.media.resolve(url, max_bytes, early=early, owner=run.owner)
+        return await services.media.resolve(url, max_bytes, early=early, owner=run.owner, ranged=ranged)
     for attempt in range(1, s.job_fetch_attempts + 1):
         try:
-            return await services.media.resolve(url, max_bytes, timeout_s=s.job_fetch_timeout_s, owner=run.owner)
+            return await services.media.resolve(url, max_bytes, timeout_s=s.job_fetch_timeout_s, owner=run.owner,
+                                                ranged=ranged)
         except APIError as e:
             if not e.transient or attempt == s.job_fetch_attempts:
                 raise
@@ -172,8 +174,8 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
     queue_above_s = s.queue_above_s if route_long else None
     max_bytes = int(s.max_video_mb * MB)
 
-    def too_big(size: int) -> bool:
-        return route_long and s.queue_above_mb is not None and size > s.queue_above_mb * MB
+    def too_big(media) -> bool:  # a download's size: a video read in ranges is routed by its duration alone
+        return route_long and s.queue_above_mb is not None and not media.in_ranges and media.size > s.queue_above_mb * MB
 
     res = None
     media = await _staged(services, run.staged[position], max_bytes, run.tenant) if position in run.staged else None
@@ -181,9 +183,9 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
         # a URL asked about before: a conditional GET, and no download when its frames are cached
         media = await services.media.revalidate(v.url, max_bytes,
                                                 lambda sha: services.video.cached(sha, params, **shape))
-        if media is not None and media.path is None:  # 304: the frames are cached
+        if media is not None and media.source is None:  # 304: the frames are cached
             try:
-                if too_big(media.size):
+                if too_big(media):
                     raise _Long(LongVideo(v.url, "size"))
                 res = await services.video.sample(None, media.sha256, params, **shape, queue_above_s=queue_above_s)
             except FramesEvicted:  # evicted between the revalidation and now: download after all
@@ -193,22 +195,29 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
                     raise _Long(LongVideo(v.url, "duration"))
     if media is None:
         early = _early_check(services, v.url) if route_long and v.url.startswith(("http://", "https://")) else None
-        media = await _resolve(services, v.url, max_bytes, run, early)
+        media = await _resolve(services, v.url, max_bytes, run, early, ranged=True)
         if isinstance(media, Deferred):
             raise _Long(LongVideo(v.url, media.reason))
     if res is None:
         try:
-            if too_big(media.size):
+            if too_big(media):
                 raise _Long(LongVideo(v.url, "size", await _stage(services, media, v.url, position, run.tenant)))
-            res = await services.video.sample(media.path, media.sha256, params, **shape, queue_above_s=queue_above_s)
+            res = await services.video.sample(media.source, media.sha256, params, **shape,
+                                              queue_above_s=queue_above_s)
             if res is None:
                 raise _Long(LongVideo(v.url, "duration", await _stage(services, media, v.url, position,
                                                                       run.tenant)))
         finally:
             media.release()
+    # "ranged": read from the origin in ranges; "download": fetched whole; "local": a file here (file://, an
+    # upload, bytes a gateway staged for this job)
+    read = "ranged" if media.in_ranges else "download" if v.url.startswith(("http://", "https://")) \
+        and position not in run.staged else "local"
     m = services.metrics
-    m.fetch_bytes.inc(media.downloaded_bytes)
-    if media.path is None:
+    # bytes this decode read of the file or, in ranges, of the origin (0 for frames from a cache)
+    bytes_read = 0 if res.cache_hit else res.video.extra.get("bytes_read", 0)
+    m.fetch_bytes.inc(media.downloaded_bytes + (bytes_read if media.ranged is not None else 0))
+    if media.source is None:
         m.fetch_not_modified.inc()
     m.fetch_seconds.observe(media.fetch_seconds)
     m.frame_cache_lookups.labels(res.cache).inc()
@@ -225,6 +234,8 @@ async def _video(services, part: VideoPart, position: str, run: MediaRun) -> tup
         "cache_hit": res.cache_hit, "frame_cache": res.cache,
         # per frame: the planned instant and how it was reached (seek "keyframe" may return a nearby keyframe)
         "seek": params.seek, "targets": res.video.extra.get("targets"), "seek_used": res.video.extra.get("seek_used"),
+        # how the bytes were got and how many of the media's ``size_bytes`` the decode read
+        "read": read, "bytes_read": bytes_read, "size_bytes": media.size,
     }
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import os
 import re
 import socket
@@ -39,14 +38,23 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from framewise.server.errors import APIError
+from framewise.server.media.addresses import (  # noqa: F401 - re-exported: the policy's home before it moved
+    GLOBAL_UNICAST_V6,
+    REFUSED_V4,
+    REFUSED_V6,
+    AddressPolicy,
+    is_public_address,
+    numeric_ipv4,
+    url_refusal,
+)
 
 
 @dataclass
@@ -56,6 +64,21 @@ class Fetched:
     size: int
     seconds: float
     content_type: str | None
+
+
+@dataclass
+class Ranged:
+    """A URL not downloaded: its origin serves byte ranges of it, with a strong validator, and it is large
+    enough to be read in ranges by the decoder (``server/media/readers.py``). ``url`` is the final URL (after
+    checked redirects); ``sha256`` names the bytes (URL + validator + size), not their content."""
+
+    url: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+    sha256: str
+    seconds: float
+    head: bytes = field(default=b"", repr=False)  # the first bytes, got with the answer that showed ranges work
 
 
 @dataclass
@@ -71,6 +94,7 @@ class Deferred:
 # (str), False (download the rest, ask no more) or None (ask again at the next checkpoint)
 Early = Callable[[int | None, str | None, int], Awaitable[str | bool | None]]
 PROBE_AT = (1 << 20, 4 << 20, 16 << 20)
+FIRST_RANGE = 64 << 10  # the first bytes read of a video then read in ranges (the decoder's first block)
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 
@@ -88,6 +112,7 @@ class Validators:
     size: int
     etag: str | None
     last_modified: str | None
+    ranged: bool = False  # the bytes were read in ranges (``sha256`` names them, it is not their hash)
 
     def headers(self) -> dict[str, str]:
         if self.etag:
@@ -116,114 +141,13 @@ def strong_validators(headers, sha256: str, size: int) -> Validators | None:
     return Validators(sha256, size, etag, last_modified)
 
 
-def _nets(*cidrs: str) -> tuple:
-    return tuple(ipaddress.ip_network(c) for c in cidrs)
-
-
-# Not globally routable unicast, although Python's ``is_global`` may say otherwise for some
-# (e.g. 2002::/16, fec0::/10, 64:ff9b::/96 and 192.0.0.9 are "global" to Python 3.11).
-REFUSED_V4 = _nets(
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",  # 240/4 includes the broadcast 255.255.255.255
-)
-GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
-REFUSED_V6 = _nets(
-    "2001::/23",  # IETF protocol assignments: Teredo 2001::/32, benchmarking, ORCHID(v2), AMT, ...
-    "2001:db8::/32", "3fff::/20",  # documentation
-    "2002::/16",  # 6to4: tunnels to the IPv4 address in bits 16-48
-    # outside 2000::/3, refused anyway; listed for the record:
-    "::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "fc00::/7", "fe80::/10",
-    "fec0::/10", "ff00::/8", "5f00::/16",
-)
-
-
-_V4_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
-
-
-def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """The IPv4 address ``host`` names under ``inet_aton(3)`` rules, or None when it is not such a number.
-
-    One to four dot-separated numbers, each decimal, hexadecimal (``0x``) or octal (a leading ``0``); the
-    last fills the bytes left (``127.1`` is 127.0.0.1, ``2130706433`` and ``0x7f000001`` are too). As
-    glibc's ``inet_aton``, anything after ASCII whitespace is ignored; a trailing dot (``127.0.0.1.``,
-    which URL parsers read as the address) is accepted too. Computed here, so the SSRF policy does not
-    depend on what a library version leaves to ``getaddrinfo``."""
-    host = re.split(r"[ \t\n\v\f\r]", host, maxsplit=1)[0]
-    parts = host.split(".")
-    if len(parts) > 1 and parts[-1] == "":
-        parts.pop()
-    if not 1 <= len(parts) <= 4 or not all(_V4_PART.fullmatch(p) for p in parts):
+def _content_range(content_range: str | None) -> tuple[int, int, int] | None:
+    """``(first, last, size)`` of ``Content-Range: bytes <first>-<last>/<size>``, None unless well-formed."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+)\s*", content_range or "")
+    if m is None:
         return None
-    values = [int(p, 16) if p[1:2] in ("x", "X") else int(p, 8) if p.startswith("0") else int(p) for p in parts]
-    *head, last = values
-    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
-        return None
-    value = last
-    for i, v in enumerate(head):
-        value |= v << (8 * (3 - i))
-    return ipaddress.IPv4Address(value)
-
-
-def _isatap_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an ISATAP interface identifier (``::0:5efe:a.b.c.d``, ``::200:5efe:...``) embeds."""
-    value = int(addr)
-    if (value >> 32) & 0xFDFFFFFF == 0x00005EFE:
-        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
-    return None
-
-
-def is_public_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Globally routable unicast, and no IPv4 embedded in it that would itself be refused."""
-    if isinstance(addr, ipaddress.IPv4Address):
-        return addr.is_global and not any(addr in net for net in REFUSED_V4)
-    if addr not in GLOBAL_UNICAST_V6 or any(addr in net for net in REFUSED_V6) or not addr.is_global:
-        return False
-    embedded = _isatap_v4(addr)
-    return embedded is None or is_public_address(embedded)
-
-
-class AddressPolicy:
-    def __init__(self, allowed: list[str]):
-        self.hosts: set[str] = set()
-        self.host_ports: set[tuple[str, int]] = set()
-        self.networks: list[ipaddress._BaseNetwork] = []
-        for item in allowed:
-            item = item.strip().lower()
-            if not item:
-                continue
-            try:
-                self.networks.append(ipaddress.ip_network(item, strict=False))
-                continue
-            except ValueError:
-                pass
-            host, sep, port = item.rpartition(":")
-            if sep and port.isdigit() and not item.endswith("]"):
-                self.host_ports.add((host.strip("[]"), int(port)))
-            else:
-                self.hosts.add(item.strip("[]"))
-
-    def host_allowed(self, host: str, port: int) -> bool:
-        host = host.lower().strip("[]")
-        return host in self.hosts or (host, port) in self.host_ports
-
-    def address_allowed(self, ip: str, host: str, port: int) -> bool:
-        """The allow-list (host, ``host:port``, CIDR; an IPv4-mapped address counts as its IPv4
-        address there), else :func:`is_public_address`."""
-        try:
-            addr = ipaddress.ip_address(ip.split("%")[0])
-        except ValueError:
-            return False
-        if self.host_allowed(host, port) or self.host_allowed(str(addr), port):
-            return True
-        listed = [addr]
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            listed.append(addr.ipv4_mapped)
-            if self.host_allowed(str(addr.ipv4_mapped), port):
-                return True
-        if any(a in net for a in listed for net in self.networks if a.version == net.version):
-            return True
-        return is_public_address(addr)
+    first, last, size = (int(g) for g in m.groups())
+    return (first, last, size) if first <= last < size else None
 
 
 class RefusedAddress(OSError):
@@ -260,11 +184,19 @@ def _refused(url: str, why: str) -> APIError:
     return APIError(400, "url_not_allowed", f"refusing to fetch {url}: {why}", "messages")
 
 
+def check_url(policy: AddressPolicy, url: str) -> None:
+    """Refuses (400) what :func:`~server.media.addresses.url_refusal` refuses."""
+    refusal = url_refusal(policy, url)
+    if refusal is not None:
+        raise APIError(400, *refusal, "messages")
+
+
 class MediaFetcher:
     MAX_VALIDATORS = 4096  # URLs whose validators are kept (LRU)
 
     def __init__(self, allowed_hosts: list[str], *, timeout_s: float, max_redirects: int, spool_dir: str):
         self._validators: OrderedDict[str, Validators] = OrderedDict()
+        self.allowed_hosts = tuple(allowed_hosts)
         self.policy = AddressPolicy(allowed_hosts)
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
@@ -282,26 +214,7 @@ class MediaFetcher:
             await self._session.close()
 
     def _check_url(self, url: str) -> None:
-        try:
-            parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as e:  # e.g. a port that is not a number, an unclosed IPv6 bracket
-            raise APIError(400, "invalid_url", f"cannot parse the media URL {url!r}: {e}", "messages") from None
-        if parts.scheme not in ("http", "https"):
-            raise _refused(url, f"scheme {parts.scheme!r} is not allowed")
-        if not parts.hostname:
-            raise _refused(url, "no host")
-        v4 = numeric_ipv4(parts.hostname)
-        if v4 is not None:  # any spelling of an IPv4 address (dotted quad or not) is checked as that address
-            if not self.policy.address_allowed(str(v4), str(v4), port):
-                raise _refused(url, f"{parts.hostname} is the address {v4}, which is not allowed")
-            return
-        try:
-            ipaddress.ip_address(parts.hostname)
-        except ValueError:
-            return  # a name: checked by the resolver on connect
-        if not self.policy.address_allowed(parts.hostname, parts.hostname, port):
-            raise _refused(url, "the address is not allowed")
+        check_url(self.policy, url)
 
     def validators(self, url: str) -> Validators | None:
         """What the last full fetch of ``url`` can be revalidated with, if anything."""
@@ -315,16 +228,23 @@ class MediaFetcher:
                 self._validators.popitem(last=False)
 
     async def fetch(self, url: str, max_bytes: int, *, unless: Validators | None = None,
-                    timeout_s: float | None = None, early: Early | None = None) -> Fetched | Deferred | None:
+                    timeout_s: float | None = None, early: Early | None = None,
+                    ranged_from: int | None = None) -> Fetched | Deferred | Ranged | None:
         """Download ``url`` to a spool file within ``timeout_s`` (default: the fetcher's). With ``unless``, a
         conditional GET: ``None`` when the server answers 304 (the bytes ``unless`` describes are still
-        current). With ``early``: :class:`Deferred` when it stopped the download (module doc)."""
+        current). With ``early``: :class:`Deferred` when it stopped the download (module doc). With
+        ``ranged_from``: the GET asks ``Range: bytes=0-``; when the origin answers 206 with a strong validator for
+        a file of at least ``ranged_from`` bytes, only its first :data:`FIRST_RANGE` bytes are read and the file is
+        not downloaded (:class:`Ranged`: the decoder reads what it needs). Anything else is downloaded from the same
+        answer, in one request, as a 200 is (a 206 for ``0-`` is the whole file)."""
         assert self._session is not None
         timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
         deadline = start + timeout_s
         first_url = url
         conditional = unless.headers() if unless is not None else {}
+        if ranged_from is not None:
+            conditional["Range"] = "bytes=0-"
         try:
             async with asyncio.timeout(timeout_s):
                 for _ in range(self.max_redirects + 1):
@@ -346,7 +266,20 @@ class MediaFetcher:
                             if first_url in self._validators:
                                 self._validators.move_to_end(first_url)
                             return None
-                        if resp.status != 200:
+                        if resp.status == 416 and "Range" in conditional:  # an empty file: ask again, whole
+                            conditional.pop("Range")
+                            ranged_from = None
+                            continue
+                        if resp.status == 206 and ranged_from is not None:
+                            ranged = await self._ranged(resp, first_url, url, max_bytes, ranged_from, start)
+                            if ranged is not None:
+                                return ranged
+                            _, last, total = _content_range(resp.headers["Content-Range"])  # checked: well-formed
+                            if last + 1 < total:  # part of it only (an origin capping ranges): ask again, whole
+                                conditional.pop("Range")
+                                ranged_from = None
+                                continue
+                        elif resp.status != 200:
                             e = APIError(400, "fetch_failed", f"{url} answered HTTP {resp.status}", "messages")
                             raise transient(e) if resp.status in TRANSIENT_STATUS else e
                         if resp.content_length is not None and resp.content_length > max_bytes:
@@ -367,6 +300,31 @@ class MediaFetcher:
             left = deadline - time.perf_counter()
             raise transient(APIError(400 if left > 0 else 504, "fetch_failed", f"fetching {url} failed: {e}",
                                      "messages")) from None
+
+    async def _ranged(self, resp, first_url: str, url: str, max_bytes: int, ranged_from: int,
+                      start: float) -> Ranged | None:
+        """The 206 answer to ``Range: bytes=0-``: a :class:`Ranged` URL (its first bytes kept, the rest of the
+        answer dropped: the connection is closed), or None (download it: too small, or no strong validator)."""
+        got = _content_range(resp.headers.get("Content-Range"))
+        if got is None or got[0] != 0:
+            raise APIError(400, "fetch_failed", f"{url} answered 206 with Content-Range "
+                           f"{resp.headers.get('Content-Range')!r} to a request for all its bytes", "messages")
+        total = got[2]
+        if total > max_bytes:
+            raise APIError(413, "media_too_large", f"{url} is {total} bytes; the limit is {max_bytes}", "messages")
+        pinned = strong_validators(resp.headers, "", total)
+        if total < ranged_from or pinned is None:
+            return None
+        try:
+            head = await resp.content.readexactly(min(FIRST_RANGE, got[1] + 1))
+        except asyncio.IncompleteReadError as e:
+            raise APIError(400, "fetch_failed", f"{url} sent {len(e.partial)} bytes, then stopped",
+                           "messages") from None
+        resp.close()  # what the origin sent on meanwhile is dropped (at most what the network held in flight)
+        identity = f"ranged\n{url}\n{pinned.etag}\n{pinned.last_modified}\n{total}"
+        sha = hashlib.sha256(identity.encode()).hexdigest()
+        self._remember(first_url, replace(pinned, sha256=sha, ranged=True))
+        return Ranged(url, total, pinned.etag, pinned.last_modified, sha, time.perf_counter() - start, head)
 
     async def _spool(self, resp, url: str, max_bytes: int, start: float, early: Early | None = None
                      ) -> Fetched | Deferred:

@@ -7,10 +7,13 @@
   in parallel by independent decoders.
 - Scales in swscale to the model's input size (shortest edge), converts to RGB,
   applies the stream's display rotation; memory is bounded by the sampled frames.
-- Only the container formats in :data:`CONTAINER_FORMATS` are demuxed and only local
-  files are read (``format_whitelist``/``protocol_whitelist``): a playlist or manifest
+- Only the container formats in :data:`CONTAINER_FORMATS` are demuxed, and FFmpeg reads only
+  the byte source it is handed (``format_whitelist``/``protocol_whitelist``): a playlist or manifest
   (HLS, DASH, concat, ...) is refused before FFmpeg reads its header, so URLs or paths
   named inside a file are never opened, whatever the file is called.
+- The bytes come through ``server/media/readers.py``: a local file or an origin read in byte ranges,
+  every byte counted (``extra["bytes_read"]``); with an index, the packets at the runs' keyframes are
+  fetched from an origin in parallel before decoding.
 - A container that states no duration (live Matroska/WebM, raw H.264) is measured from
   its packets' timestamps (or their count, when they carry none).
 - Every media problem becomes a :class:`MediaError` with a stable code.
@@ -31,18 +34,9 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from framewise.server.media.readers import Opener, RangedURL
+from framewise.server.video.errors import MediaError
 from framewise.server.video.sampling import FrameSampling, SamplingError, keyframe_targets, plan_timestamps
-
-
-class MediaError(Exception):
-    """A video the gateway refuses; ``code`` is stable, ``status`` the HTTP status."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
-
-    def __reduce__(self):  # crosses process boundaries (decode workers)
-        return (MediaError, (self.code, self.message, self.status))
 
 
 @dataclass(frozen=True)
@@ -81,11 +75,12 @@ OPEN_OPTIONS = {"format_whitelist": ",".join(CONTAINER_FORMATS), "protocol_white
                 "enable_drefs": "0"}
 
 
-def _open(path: str):
-    """Open a local file with the allow-listed demuxers only (FFmpeg probes the first bytes,
-    then refuses any other format before it reads the header)."""
+def _open(source: str | Opener):
+    """Open a local file (or a counted byte source) with the allow-listed demuxers only (FFmpeg probes the
+    first bytes, then refuses any other format before it reads the header)."""
     try:
-        container = av.open(path, container_options=dict(OPEN_OPTIONS), metadata_errors="ignore")
+        file = source.open() if isinstance(source, Opener) else source
+        container = av.open(file, mode="r", container_options=dict(OPEN_OPTIONS), metadata_errors="ignore")
     except (av.error.InvalidDataError, av.error.EOFError) as e:
         raise MediaError("invalid_video", f"not a readable video file ({e.strerror or e})") from e
     except av.FFmpegError as e:
@@ -186,7 +181,7 @@ def _measure(container, stream, info: VideoInfo, limits: DecodeLimits) -> VideoI
     return replace(info, duration=duration)
 
 
-def _read_info(path: str, container, stream, limits: DecodeLimits):
+def _read_info(path: str | Opener, container, stream, limits: DecodeLimits):
     """``(container, stream, info)``, limits checked; a container without a duration is measured,
     then opened again at its start (raw streams cannot seek back). Closes the container on error."""
     try:
@@ -239,7 +234,7 @@ def _scaled_size(width: int, height: int, shortest_edge: int | None) -> tuple[in
 
 
 def sample_video(
-    path: str,
+    path: str | RangedURL,
     params: FrameSampling,
     *,
     default_frames: int,
@@ -255,8 +250,19 @@ def sample_video(
     single-threaded decoders work through the runs in parallel (GOP-level parallelism scales better
     than FFmpeg's frame threading, which must hand every frame from thread to thread).
     A video lasting longer than ``queue_above_s`` is not decoded: its :class:`VideoInfo`
-    comes back instead (the gateway runs it as a job).
+    comes back instead (the gateway runs it as a job). ``path`` is a local file or a URL read in ranges
+    (``server/media/readers.py``); every byte read is counted (``extra["bytes_read"]``).
     """
+    opener = Opener(path)
+    try:
+        return _sample(opener, params, default_frames=default_frames, max_frames=max_frames,
+                       shortest_edge=shortest_edge, limits=limits, queue_above_s=queue_above_s)
+    finally:
+        opener.close()
+
+
+def _sample(path: Opener, params: FrameSampling, *, default_frames: int, max_frames: int, shortest_edge: int | None,
+            limits: DecodeLimits, queue_above_s: float | None) -> SampledVideo | VideoInfo:
     container, stream, info = _read_info(path, *_open(path), limits)
     try:
         if queue_above_s is not None and info.duration > queue_above_s:
@@ -269,8 +275,9 @@ def sample_video(
         except SamplingError as e:
             raise MediaError("invalid_sampling", str(e)) from e
         tb = float(stream.time_base)
-        keyframes = sorted(float(e.timestamp) * tb - t0 for e in stream.index_entries if e.is_keyframe) \
-            if stream.index_entries is not None and info.timed else []
+        indexed = sorted((float(e.timestamp) * tb - t0, e.pos, e.size) for e in stream.index_entries
+                         if e.is_keyframe) if stream.index_entries is not None and info.timed else []
+        keyframes = [t for t, _, _ in indexed]
     except BaseException:
         container.close()
         raise
@@ -287,6 +294,10 @@ def sample_video(
         targets = [t + nudge if used == "keyframe" else t for t, used in zip(targets, seek_used, strict=True)]
     width, height = _scaled_size(info.width, info.height, shortest_edge)
     runs = _plan_runs(targets, keyframes)
+    if indexed:  # each run starts at a keyframe at a known position: read from an origin in parallel beforehand
+        firsts = [bisect.bisect_right(keyframes, targets[run[0]] + 1e-6) - 1 for run in runs]
+        path.prefetch([(indexed[i][1], indexed[i][1] + indexed[i][2] + PREFETCH_AFTER_KEY) for i in firsts
+                       if i >= 0 and indexed[i][1] >= 0])
     # no more threads than CPUs this process may run on: on one CPU (a pinned server) a second decoder or codec
     # thread only takes turns with the first (measured: 20% more CPU for the same frames, bench/decode_gop.py)
     threads = max(1, min(limits.threads, _usable_cpus()))
@@ -341,10 +352,12 @@ def sample_video(
     return SampledVideo(frames, [stamps[i] for i in got], info,
                         decoded_frames=sum(d for d, _ in counts), seeks=sum(s for _, s in counts),
                         extra={"decoders": decoders, "targets": [round(planned[i], 6) for i in got],
-                               "seek_used": [seek_used[i] for i in got]})
+                               "seek_used": [seek_used[i] for i in got], "bytes_read": path.reads.bytes,
+                               "read_requests": path.reads.requests})
 
 
 NO_INDEX_SEEK_GAP_S = 3.0
+PREFETCH_AFTER_KEY = 32 << 10  # read with a keyframe's packet: the start of the packets its decoder takes next
 # Non-reference frames are skipped until this close to a target: more than B-frame
 # reordering plus frame-threading delay, so every frame that can be on screen at the
 # target is decoded.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from framewise.server.media.readers import RangedURL
 from framewise.server.video.decode import (
     DecodeLimits,
     MediaError,
@@ -77,11 +78,12 @@ class VideoService:
         key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
         return self.cache.get(key) is not None or (self.shared is not None and self.shared.has(key))
 
-    async def sample(self, path: str | None, sha256: str, params: FrameSampling, *, default_frames: int,
+    async def sample(self, path: str | RangedURL | None, sha256: str, params: FrameSampling, *, default_frames: int,
                      max_frames: int, shortest_edge: int | None,
                      queue_above_s: float | None = None) -> VideoResult | None:
         """The sampled frames, from the cache or the decode pool. ``None``: the video lasts longer
-        than ``queue_above_s`` (read off its header in the same decode call) and was not decoded.
+        than ``queue_above_s`` (read off its header in the same decode call) and was not decoded. ``path``: a
+        local file, or a URL the decoder reads in ranges.
         ``path`` None (a revalidated URL, no bytes at hand) and no cached frames: :class:`FramesEvicted`."""
         key = (sha256, params.cache_key(), default_frames, max_frames, shortest_edge)
         hit, where = self.cache.get(key), "memory"

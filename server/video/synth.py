@@ -54,8 +54,11 @@ def write_clip(
     audio: bool = False,
     frame_times: list[float] | None = None,
     gop: int | None = None,
+    noise: int = 0,
 ) -> str:
-    """Write a clip; ``frame_times`` (seconds) gives a variable frame rate."""
+    """Write a clip; ``frame_times`` (seconds) gives a variable frame rate; ``noise`` > 0: a square of fresh
+    noise that many pixels wide in the bottom-right corner of every frame (real bit rates: every frame costs
+    bytes, as in camera footage, so a container index is small beside the packets)."""
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=rate)
@@ -68,7 +71,10 @@ def write_clip(
             stream.codec_context.max_b_frames = 0
         astream = container.add_stream("aac", rate=16000) if audio else None
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, frames, width, height), format="rgb24")
+            img = frame_pattern(i, frames, width, height)
+            if noise:
+                img[-noise:, -noise:] = np.random.default_rng(i).integers(0, 256, (noise, noise, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             if frame_times is not None:
                 frame.pts = int(round(frame_times[i] * 1000))
                 frame.time_base = Fraction(1, 1000)
