@@ -166,7 +166,9 @@ def test_a_range_origin_is_read_in_ranges_through_the_gateway(client, media):
     served_before = media.server.served.get("/gateway/noisy.mp4", 0)
     ranged_answer, ranged = ask(media.url("ranged/noisy.mp4"))
     assert ranged["read"] == "ranged" and ranged["size_bytes"] == size and ranged["frame_cache"] == "miss"
-    assert ranged["bytes_read"] == media.server.served["/gateway/noisy.mp4"] - served_before < size * 0.75
+    # the origin sent what the decode read, and what it had sent on when the gateway closed the first GET
+    assert ranged["bytes_read"] <= media.server.served["/gateway/noisy.mp4"] - served_before
+    assert ranged["bytes_read"] < size * 0.75
     answer, downloaded = ask(media.url("noisy.mp4"))
     assert downloaded["read"] == "download" and downloaded["size_bytes"] == size
     assert downloaded["timestamps"] == ranged["timestamps"] and answer == ranged_answer

@@ -312,7 +312,7 @@ def _comparable(completion: dict) -> dict:
         c.pop(key)
     c["framewise"].pop("job_id", None)
     for m in c["framewise"]["media"]:
-        for key in ("fetch_ms", "decode_ms", "cache_hit", "frame_cache"):
+        for key in ("fetch_ms", "decode_ms", "cache_hit", "frame_cache", "bytes_read"):
             m.pop(key, None)
     return c
 

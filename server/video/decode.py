@@ -296,8 +296,12 @@ def _sample(path: Opener, params: FrameSampling, *, default_frames: int, max_fra
     runs = _plan_runs(targets, keyframes)
     if indexed:  # each run starts at a keyframe at a known position: read from an origin in parallel beforehand
         firsts = [bisect.bisect_right(keyframes, targets[run[0]] + 1e-6) - 1 for run in runs]
-        path.prefetch([(indexed[i][1], indexed[i][1] + indexed[i][2] + PREFETCH_AFTER_KEY) for i in firsts
-                       if i >= 0 and indexed[i][1] >= 0])
+        try:
+            path.prefetch([(indexed[i][1], indexed[i][1] + indexed[i][2] + PREFETCH_AFTER_KEY) for i in firsts
+                           if i >= 0 and indexed[i][1] >= 0])
+        except BaseException:  # the origin failed (or changed) already: nothing decoded
+            container.close()
+            raise
     # no more threads than CPUs this process may run on: on one CPU (a pinned server) a second decoder or codec
     # thread only takes turns with the first (measured: 20% more CPU for the same frames, bench/decode_gop.py)
     threads = max(1, min(limits.threads, _usable_cpus()))
