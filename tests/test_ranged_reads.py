@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from framewise.server.errors import APIError
 from framewise.server.media.fetch import FIRST_RANGE, MediaFetcher
 from framewise.server.media.files import FileStore
 from framewise.server.media.readers import BLOCK, RangedURL
@@ -67,7 +68,7 @@ def sample(source, params: FrameSampling):
     return sample_video(source, params, default_frames=8, max_frames=64)
 
 
-def resolve(origin: MediaServer, url: str, ranged_from: int = MB, ranged: bool = True):
+def resolve(origin: MediaServer, url: str, ranged_from: int = MB, ranged: bool = True, max_bytes: int = 256 * MB):
     async def run():
         fetcher = MediaFetcher([f"{origin.host}:{origin.port}"], timeout_s=20, max_redirects=3,
                                spool_dir=str(origin.root / "spool"))
@@ -75,7 +76,7 @@ def resolve(origin: MediaServer, url: str, ranged_from: int = MB, ranged: bool =
         try:
             resolver = MediaResolver(fetcher, FileStore(str(origin.root / "files"), 64 * MB), str(origin.root / "spool"),
                                      None, ranged_from=ranged_from)
-            return await resolver.resolve(url, 256 * MB, ranged=ranged)
+            return await resolver.resolve(url, max_bytes, ranged=ranged)
         finally:
             await fetcher.close()
 
@@ -213,3 +214,25 @@ def test_an_https_origin_is_read_in_ranges_with_its_certificate_checked(clips, t
         assert e.value.code == "fetch_failed" and "CERTIFICATE_VERIFY_FAILED" in e.value.message
     finally:
         server.close()
+
+
+def test_a_misbehaving_or_slow_origin_is_a_clear_error(clips, origin):
+    """Over the size limit: 413 from the first GET's Content-Range, nothing downloaded. The decoder's GETs: an
+    answer that is not the asked range (a 200 with the whole file, a range of another size) or none within the
+    fetch timeout is ``fetch_failed`` naming what went wrong."""
+    size = (clips / "long.mp4").stat().st_size
+    served = origin.served.get("/long.mp4", 0)
+    with pytest.raises(APIError) as e:
+        resolve(origin, origin.url("ranged/long.mp4"), max_bytes=size - 1)
+    assert (e.value.status, e.value.code) == (413, "media_too_large")
+    assert origin.served["/long.mp4"] - served < size / 2  # closed at the headers
+    media = resolve(origin, origin.url("ranged/long.mp4"))
+    pinned = dict(size=media.ranged.size, etag=media.ranged.etag, last_modified=None,
+                  allowed_hosts=(f"{origin.host}:{origin.port}",))
+    cases = [(RangedURL(origin.url("long.mp4"), **pinned), "answered HTTP 200 to a ranged read"),
+             (RangedURL(media.ranged.url, **{**pinned, "size": size + 1}), "sent the range"),
+             (RangedURL(origin.url("slow/long.mp4"), **pinned, timeout_s=0.5), "a ranged read of")]
+    for source, message in cases:
+        with pytest.raises(MediaError) as e:
+            sample(source, keyframes(4))
+        assert e.value.code == "fetch_failed" and message in e.value.message, e.value.message
