@@ -124,8 +124,13 @@ class AddressPolicy:
         return is_public_address(addr)
 
 
-def _refused(url: str, why: str) -> tuple[str, str]:
+def refused(url: str, why: str) -> tuple[str, str]:
+    """``(code, message)`` of a URL the policy refuses."""
     return "url_not_allowed", f"refusing to fetch {url}: {why}"
+
+
+def only_refused_addresses(host: str) -> str:
+    return f"{host} resolves only to addresses that are not allowed"
 
 
 def url_refusal(policy: AddressPolicy, url: str) -> tuple[str, str] | None:
@@ -138,18 +143,18 @@ def url_refusal(policy: AddressPolicy, url: str) -> tuple[str, str] | None:
     except ValueError as e:  # e.g. a port that is not a number, an unclosed IPv6 bracket
         return "invalid_url", f"cannot parse the media URL {url!r}: {e}"
     if parts.scheme not in ("http", "https"):
-        return _refused(url, f"scheme {parts.scheme!r} is not allowed")
+        return refused(url, f"scheme {parts.scheme!r} is not allowed")
     if not parts.hostname:
-        return _refused(url, "no host")
+        return refused(url, "no host")
     v4 = numeric_ipv4(parts.hostname)
     if v4 is not None:  # any spelling of an IPv4 address (dotted quad or not) is checked as that address
         if not policy.address_allowed(str(v4), str(v4), port):
-            return _refused(url, f"{parts.hostname} is the address {v4}, which is not allowed")
+            return refused(url, f"{parts.hostname} is the address {v4}, which is not allowed")
         return None
     try:
         ipaddress.ip_address(parts.hostname)
     except ValueError:
         return None  # a name: checked by the resolver on connect
     if not policy.address_allowed(parts.hostname, parts.hostname, port):
-        return _refused(url, "the address is not allowed")
+        return refused(url, "the address is not allowed")
     return None

@@ -53,6 +53,8 @@ from framewise.server.media.addresses import (  # noqa: F401 - re-exported: the 
     AddressPolicy,
     is_public_address,
     numeric_ipv4,
+    only_refused_addresses,
+    refused,
     url_refusal,
 )
 
@@ -173,7 +175,7 @@ class GuardedResolver(AbstractResolver):
                 out.append({"hostname": host, "host": ip, "port": port, "family": fam, "proto": proto,
                             "flags": socket.AI_NUMERICHOST})
         if not out:
-            raise RefusedAddress(f"{host} resolves only to addresses that are not allowed")
+            raise RefusedAddress(only_refused_addresses(host))
         return out
 
     async def close(self) -> None:
@@ -181,7 +183,7 @@ class GuardedResolver(AbstractResolver):
 
 
 def _refused(url: str, why: str) -> APIError:
-    return APIError(400, "url_not_allowed", f"refusing to fetch {url}: {why}", "messages")
+    return APIError(400, *refused(url, why), "messages")
 
 
 def check_url(policy: AddressPolicy, url: str) -> None:

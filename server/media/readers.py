@@ -8,7 +8,7 @@ decode of a long video (``seek: keyframe``) reads the container index and the ch
 :class:`RangedURL` is what the gateway's guarded fetcher found out about a URL whose origin serves byte ranges
 (``206`` to ``Range: bytes=0-``) with a strong validator: the final URL (redirects were followed and checked
 there), its size and validator. The decode worker then reads blocks of it with ranged GETs under the same
-policy: the host resolved and every address checked (:class:`~server.media.fetch.AddressPolicy`, the same
+policy: the host resolved and every address checked (:class:`~server.media.addresses.AddressPolicy`, the same
 allow-list), the connection made to the checked address, no redirect followed, every answer a ``206`` for
 exactly the asked range of exactly that size, sent with ``If-Match`` (or ``If-Unmodified-Since``) so bytes
 that changed since are refused (``412``), never mixed into the decode. Bytes fetched are capped (twice the
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from framewise.server.media.addresses import AddressPolicy, url_refusal
+from framewise.server.media.addresses import AddressPolicy, only_refused_addresses, url_refusal
 from framewise.server.video.errors import MediaError
 
 BLOCK = 16 << 10  # bytes fetched at least per read (FFmpeg asks 32 KiB at a time: small blocks waste less after a seek)
@@ -78,7 +78,7 @@ def _connect(url: str, policy: AddressPolicy, timeout_s: float):
         raise MediaError("fetch_failed", f"cannot resolve {parts.hostname}: {e.strerror}") from None
     ips = [info[4][0] for info in infos if policy.address_allowed(info[4][0], parts.hostname, port)]
     if not ips:
-        raise MediaError("url_not_allowed", f"{parts.hostname} resolves only to addresses that are not allowed")
+        raise MediaError("url_not_allowed", only_refused_addresses(parts.hostname))
     timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
     if https:
         return urllib3.HTTPSConnectionPool(ips[0], port, timeout=timeout, retries=False, maxsize=PARALLEL,
@@ -259,8 +259,7 @@ class BlockFile(io.RawIOBase):
         size = self.reader.size
         if n is None or n < 0:
             n = size - self.pos
-        out = bytearray()
-        first = True
+        pieces = []
         while n > 0 and self.pos < size:
             index, within = divmod(self.pos, BLOCK)
             # read-ahead starts at one block after a jump and doubles with each fetch while reads run on in order:
@@ -272,14 +271,11 @@ class BlockFile(io.RawIOBase):
                 self.ahead = min(self.reader.max_ahead, self.ahead * 2)
             self.next_block = index + 1
             piece = data[within:within + n]
-            if first and (len(piece) == n or within + len(piece) >= len(data) == size - index * BLOCK):
-                self.pos += len(piece)  # all of it from one block (FFmpeg's reads mostly are): no second copy
-                return piece
-            first = False
-            out += piece
+            pieces.append(piece)
             self.pos += len(piece)
             n -= len(piece)
-        return bytes(out)
+        # one block (FFmpeg's reads mostly are): its slice as it is, no second copy
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class Opener:

@@ -261,9 +261,9 @@ def sample_video(
         opener.close()
 
 
-def _sample(path: Opener, params: FrameSampling, *, default_frames: int, max_frames: int, shortest_edge: int | None,
+def _sample(opener: Opener, params: FrameSampling, *, default_frames: int, max_frames: int, shortest_edge: int | None,
             limits: DecodeLimits, queue_above_s: float | None) -> SampledVideo | VideoInfo:
-    container, stream, info = _read_info(path, *_open(path), limits)
+    container, stream, info = _read_info(opener, *_open(opener), limits)
     try:
         if queue_above_s is not None and info.duration > queue_above_s:
             container.close()
@@ -297,7 +297,7 @@ def _sample(path: Opener, params: FrameSampling, *, default_frames: int, max_fra
     if indexed:  # each run starts at a keyframe at a known position: read from an origin in parallel beforehand
         firsts = [bisect.bisect_right(keyframes, targets[run[0]] + 1e-6) - 1 for run in runs]
         try:
-            path.prefetch([(indexed[i][1], indexed[i][1] + indexed[i][2] + PREFETCH_AFTER_KEY) for i in firsts
+            opener.prefetch([(indexed[i][1], indexed[i][1] + indexed[i][2] + PREFETCH_AFTER_KEY) for i in firsts
                            if i >= 0 and indexed[i][1] >= 0])
         except BaseException:  # the origin failed (or changed) already: nothing decoded
             container.close()
@@ -319,7 +319,7 @@ def _sample(path: Opener, params: FrameSampling, *, default_frames: int, max_fra
     def decode_runs() -> tuple[int, int]:
         with lock:
             source = opened.pop() if opened else None
-        cursor = _Cursor(*(source or _open(path)), keyframes, t0, info.frame_rate, codec_threads, info.timed)
+        cursor = _Cursor(*(source or _open(opener)), keyframes, t0, info.frame_rate, codec_threads, info.timed)
         try:
             while True:
                 with lock:
@@ -356,8 +356,8 @@ def _sample(path: Opener, params: FrameSampling, *, default_frames: int, max_fra
     return SampledVideo(frames, [stamps[i] for i in got], info,
                         decoded_frames=sum(d for d, _ in counts), seeks=sum(s for _, s in counts),
                         extra={"decoders": decoders, "targets": [round(planned[i], 6) for i in got],
-                               "seek_used": [seek_used[i] for i in got], "bytes_read": path.reads.bytes,
-                               "read_requests": path.reads.requests})
+                               "seek_used": [seek_used[i] for i in got], "bytes_read": opener.reads.bytes,
+                               "read_requests": opener.reads.requests})
 
 
 NO_INDEX_SEEK_GAP_S = 3.0
