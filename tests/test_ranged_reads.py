@@ -236,3 +236,26 @@ def test_a_misbehaving_or_slow_origin_is_a_clear_error(clips, origin):
         with pytest.raises(MediaError) as e:
             sample(source, keyframes(4))
         assert e.value.code == "fetch_failed" and message in e.value.message, e.value.message
+
+
+def test_a_large_video_read_in_ranges_is_routed_by_its_duration_not_its_size(tc_llava_dir, tmp_path, origin):
+    """``--queue-above-mb`` is about downloads: a 38 MB video read in ranges, above an 8 MB threshold but short of
+    ``--queue-above-s``, is answered inline (a download of it would run as a job)."""
+    from fastapi.testclient import TestClient
+
+    from framewise.server.app import create_app
+    from framewise.server.settings import Settings
+    from tests.live_support import KEY, MODEL, StandInEngine, video_message
+
+    settings = Settings(model=str(tc_llava_dir), served_model_name=MODEL, api_keys=[KEY], decode_workers=1,
+                        files_dir=str(tmp_path / "files"), allowed_media_hosts=[f"127.0.0.1:{origin.port}"],
+                        queue_above_s=3600.0, queue_above_mb=8.0, max_video_mb=64.0, range_reads_above_mb=1.0)
+    app = create_app(settings, engine=StandInEngine(tc_llava_dir))
+    with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 2,
+            "messages": video_message(origin.url("ranged/long.mp4"), num_frames=2, seek="keyframe")})
+    assert r.status_code == 200, r.text
+    media = r.json()["framewise"]["media"][0]
+    assert "job_id" not in r.json()["framewise"] and media["read"] == "ranged"
+    assert media["size_bytes"] > 8 * MB > media["bytes_read"]
