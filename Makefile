@@ -8,6 +8,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_MODEL ?= .cache/models/tc-llava-demo
 PYTEST_ARGS ?=
+# two pytest workers, one per CPU, each with its own engines (tests/lanes.py); LANES=0 runs one process
+LANES ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 0)
+PYTEST_LANES := $(if $(filter-out 0 1,$(LANES)),-n $(LANES))
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup demo-model serve demo test test-fast test-docker lint loadtest chaos
@@ -29,11 +32,11 @@ demo: demo-model
 # conftest guard fails a test that starts either without its marker); `make test-docker` runs only Docker
 test: demo-model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_LANES) $(PYTEST_ARGS)
 
 test-fast: demo-model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not engine and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_LANES) -m "not engine and not docker" $(PYTEST_ARGS)
 
 test-docker: demo-model
 	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)

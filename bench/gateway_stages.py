@@ -409,7 +409,7 @@ def main() -> int:
         m, c, loop, max_tokens = args.inprocess
         inprocess(m, c, loop, int(max_tokens))
     os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm-serve-e2e"))
-    server_cpus, client_cpus = [servers.last_cpu()], servers.other_cpus()
+    server_cpus, client_cpus = [servers.server_cpu()], servers.other_cpus()
     os.sched_setaffinity(0, client_cpus)
     clip = clips.ensure(["short-h264"])["short-h264"]
     work = Path(tempfile.mkdtemp(prefix="fw-stages-"))

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fw-ttft-") as work, \
             servers.framewise(allow_frames(args.model, Path(work), max(frames)), Path(work), allowed_hosts=f"127.0.0.1:{origin.port}", args=ARGS,
-                              env={"FRAMEWISE_ENABLE_PREFIX_CACHING": "false"}, cpus=[servers.last_cpu()]) as gw:
+                              env={"FRAMEWISE_ENABLE_PREFIX_CACHING": "false"}, cpus=[servers.server_cpu()]) as gw:
         ask(gw.base_url, origin.url("plain", paths[names[0]].name), 8, "exact")  # warm-up (compile, first decode)
         for name in names:
             file = paths[name].name

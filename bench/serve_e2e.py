@@ -438,7 +438,7 @@ def main() -> int:
     out = args.out or RESULTS / ("serve_e2e_quick.json" if args.quick else "serve_e2e.json")
     names = sorted({c for c, _ in cases.values()} | {repeat_clip, length_src, "short-h264"}
                    | ({"60s-h264"} if not args.quick and 1 in lengths else set()))
-    client_cpus, server_cpus = servers.other_cpus(), [servers.last_cpu()]
+    client_cpus, server_cpus = servers.other_cpus(), [servers.server_cpu()]
     os.sched_setaffinity(0, client_cpus)
     media = Clips(names, client_cpus)
     length_clips = []

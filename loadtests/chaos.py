@@ -248,7 +248,7 @@ class Stack:
         self.redis_port, self.gateway_port, self.worker_port = (servers.free_port() for _ in range(3))
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.base_url = f"http://127.0.0.1:{self.gateway_port}"
-        engine_cpu = [servers.last_cpu()]
+        engine_cpu = [servers.server_cpu()]
         allowed = f"127.0.0.1:{clip_port}"
         env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "FRAMEWISE_ALLOWED_MEDIA_HOSTS": allowed}
         common = ["--model", str(model), "--served-model-name", servers.MODEL, "--files-dir", str(files),
@@ -296,7 +296,7 @@ class Stack:
         if errors:
             raise errors[0]
         say(f"gateway on {self.base_url}, worker /health on port {self.worker_port} (engines on CPU "
-            f"{servers.last_cpu()})")
+            f"{servers.server_cpu()})")
 
     def close(self) -> None:
         for s in (self.gateway, self.worker, self.redis):

@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.model_dir / "config.json").is_file():
                 print(f"no checkpoint at {args.model_dir}; run `make demo-model`", file=sys.stderr)
                 return 2
-            print(f"starting framewise serve on {args.model_dir} (pinned to CPU {servers.last_cpu()}) ...", flush=True)
+            print(f"starting framewise serve on {args.model_dir} (pinned to CPU {servers.server_cpu()}) ...", flush=True)
             gateway = servers.framewise(args.model_dir, Path(tempfile.mkdtemp(prefix="fw-loadtest-")),
                                         allowed_hosts=f"127.0.0.1:{clip_server.port}", api_key=args.api_key,
-                                        cpus=[servers.last_cpu()])
+                                        cpus=[servers.server_cpu()])
             host = gateway.base_url
         prefix = args.out / args.name
         long_clip = paths[args.long_clip].name if args.long_clip else paths[names[-1]].name

@@ -30,14 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def last_cpu() -> int:
-    return max(os.sched_getaffinity(0))
+def server_cpu() -> int:
+    """The CPU a server under test is pinned to: ``FRAMEWISE_SERVER_CPU`` when set (the test suite's lanes give
+    each lane its own, tests/lanes.py), else the last one this process may use."""
+    cpus = os.sched_getaffinity(0)
+    chosen = os.environ.get("FRAMEWISE_SERVER_CPU")
+    return int(chosen) if chosen and int(chosen) in cpus else max(cpus)
 
 
 def other_cpus() -> list[int]:
-    """The CPUs left to the load generator when a server is pinned to :func:`last_cpu` (all of them on 1 CPU)."""
+    """The CPUs left to the load generator when a server is pinned to :func:`server_cpu` (all of them on 1 CPU)."""
     cpus = sorted(os.sched_getaffinity(0))
-    return cpus[:-1] or cpus
+    return [c for c in cpus if c != server_cpu()] or cpus
 
 
 def is_loopback(url: str) -> bool:

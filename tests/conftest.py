@@ -97,10 +97,12 @@ def _guard(event: str, args: tuple) -> None:
 sys.addaudithook(_guard)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
     """Tests without an engine first, then engine tests, then those that end a shared process (``ends_shared``),
     Docker last (each group in file order): the shared engines (tests/stack.py) load on one CPU while the fast
-    tests run on the other, and no test finds a shared process another test ended."""
+    tests run on the other, and no test finds a shared process another test ended. Under ``-n`` each test also
+    gets its lane group (tests/lanes.py): ``stack``, ``docker`` or its module."""
     def group(item) -> int:
         if item.get_closest_marker("docker"):
             return 3
@@ -109,6 +111,47 @@ def pytest_collection_modifyitems(session, config, items):
         return 1 if item.get_closest_marker("engine") else 0
 
     items[:] = sorted(items, key=group)  # stable
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("FRAMEWISE_LANE_GROUPS"):
+        from tests.lanes import write_groups
+
+        write_groups({item.nodeid: lane_group(item) for item in items})
+
+
+def lane_group(item: pytest.Item) -> str:
+    from tests.stack import SHARED
+
+    if item.get_closest_marker("docker"):
+        return "docker"
+    if any(SHARED[name] in item.fixturenames for name in SHARED):
+        return "stack"
+    return item.nodeid.split("::")[0]
+
+
+def pytest_configure(config):
+    """Under ``-n`` (tests/lanes.py): the controller names the file where workers leave each test's group; a
+    worker puts its lane's engines on the lane's CPU (``FRAMEWISE_SERVER_CPU``, read by every helper that pins a
+    server: tests/gateway_support.py, tests/stack.py, EngineHandle, loadtests/servers.py)."""
+    from tests.lanes import engine_cpu, this_lane
+
+    lane = this_lane()
+    if lane is not None:
+        os.environ["FRAMEWISE_SERVER_CPU"] = str(engine_cpu(lane[0], sorted(os.sched_getaffinity(0))))
+    elif getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        fd, path = tempfile.mkstemp(prefix="framewise-lanes-", suffix=".json")
+        os.close(fd)
+        os.environ["FRAMEWISE_LANE_GROUPS"] = config._lane_groups = path
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_lane_groups", None):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config._lane_groups)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from tests.lanes import LaneScheduling
+
+    return LaneScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -133,8 +176,10 @@ class EngineHandle:
         key = secrets.token_bytes(16)
         listener = Listener(address, authkey=key)
         self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the engine
+        # under lanes (tests/lanes.py) on the lane's CPU; else vLLM binds it to a core of its choosing
+        pin = ["taskset", "-c", os.environ["FRAMEWISE_SERVER_CPU"]] if "FRAMEWISE_SERVER_CPU" in os.environ else []
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "engine_server.py"), "--address", address,
+            [*pin, sys.executable, str(ROOT / "tests" / "engine_server.py"), "--address", address,
              "--authkey", key.hex(), "--model", model, "--engine-args", json.dumps(engine_args)],
             cwd=self._dir,  # never a directory holding a folder named like the package
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -21,6 +21,7 @@ from urllib.parse import unquote
 
 import httpx
 
+from loadtests.servers import server_cpu
 from tests.conftest import ROOT
 
 
@@ -216,7 +217,7 @@ class Gateway:
         self.ready_s = ready_s
         self.log_path = workdir / "gateway.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
-        cpu = ["taskset", "-c", str(max(os.sched_getaffinity(0)))] if pin else []
+        cpu = ["taskset", "-c", str(server_cpu())] if pin else []
         flags = ["--port", str(self.port), "--api-key", api_key, "--files-dir", str(workdir / "files"),
                  "--log-level", "info", *args]
         cmd = [*cpu, sys.executable, "-m", "framewise.server.cli", "serve", "--model", str(model), *flags]

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.servers import server_cpu
 from tests.conftest import ROOT, shared_processes_starting
 from tests.gateway_support import Gateway, MediaServer, free_port
 from tests.redis_support import RedisServer
@@ -117,7 +118,7 @@ class Worker:
 
     def start(self, name: str) -> tuple[subprocess.Popen, Path]:
         log_path = self.workdir / f"worker-{name}.log"
-        cpu = ["taskset", "-c", str(max(os.sched_getaffinity(0)))]
+        cpu = ["taskset", "-c", str(server_cpu())]
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 [*cpu, sys.executable, "-m", "framewise.server.cli", "worker", "--model", str(self.model), "--served-model-name",
@@ -212,7 +213,10 @@ def _start_shared_processes_early(request):
     """The shared processes the selected tests will use start before the first test, pinned to one CPU: their
     engines load (30-60 s each) while the tests that need none run on the other CPU. The Docker build
     (downloads, mostly) starts too when Docker tests are selected; they run last."""
-    items = request.session.items
+    from tests.conftest import lane_group
+    from tests.lanes import runs_here
+
+    items = [item for item in request.session.items if runs_here(lane_group(item))]  # this lane's (tests/lanes.py)
     if any(item.get_closest_marker("docker") for item in items):
         request.getfixturevalue("docker_build")
     needed = {name for item in items for name in SHARED if SHARED[name] in item.fixturenames}

@@ -155,6 +155,29 @@ def test_bytes_that_change_under_the_decoder_are_refused(clips, origin, tmp_path
     assert e.value.code == "fetch_failed" and "changed while it was being read" in e.value.message
 
 
+def test_a_decode_that_would_fetch_more_than_twice_the_file_is_stopped(clips, origin, monkeypatch):
+    """Blocks evicted and read again count again: past twice the file (plus a block) the reader stops with
+    ``fetch_failed`` instead of fetching on. Here the cache holds 1 MiB of the 1.9 MB file, so each pass over it
+    fetches it (nearly) whole once more."""
+    from framewise.server.media import readers
+
+    monkeypatch.setattr(readers, "CACHE_BYTES", MB)
+    monkeypatch.setattr(readers.RangedReader, "max_ahead", 4)
+    media = resolve(origin, origin.url("ranged/short.mp4"))
+    size, before = media.ranged.size, origin.served.get("/short.mp4", 0)
+    reader = readers.RangedReader(media.ranged, readers.Reads())
+    passes = 0
+    with pytest.raises(MediaError) as e:
+        for passes in range(1, 6):  # noqa: B007 - counted for the assertion below
+            f = reader.open()
+            while f.read(256 << 10):
+                pass
+    reader.close()
+    assert passes >= 2 and e.value.code == "fetch_failed" and "more than twice its size" in e.value.message
+    assert reader.reads.bytes <= 2 * size + BLOCK  # what was read never passed the cap
+    assert origin.served["/short.mp4"] - before <= 2 * size + BLOCK + 8 * MB  # + what the first GET's socket held
+
+
 def test_origins_without_ranges_small_files_and_weak_validators_are_downloaded(clips, origin):
     size = (clips / "short.mp4").stat().st_size
     plain = resolve(origin, origin.url("short.mp4"))  # SimpleHTTPRequestHandler: 200, no ranges

@@ -1,0 +1,104 @@
+"""Two lanes, one per CPU: ``pytest -n 2`` (pytest-xdist) with :class:`LaneScheduling`.
+
+A vLLM CPU engine computes on one core here, so one pytest process running engine tests one after another
+leaves the other core mostly idle (measured: 55-60 % busy over the engine tests). Two pytest workers, each
+with its own CPU for the engines it starts (``FRAMEWISE_SERVER_CPU``), run two such streams side by side:
+
+- lane 0 runs every test on the session's shared processes (group ``stack``: tests/stack.py's gateways and job
+  worker, pinned to lane 0's CPU) and starts them before its first test, as a single process does;
+- lane 1 runs the Docker tests (group ``docker``) and starts the image build at once;
+- every other module is one group (its module-scoped engines stay one start) that either lane takes when it
+  has room, in collection order (tests/conftest.py sorts: tests without an engine first, Docker last).
+
+The workers know each test's group (its fixtures and markers); the scheduler, in the controller, sees only
+node ids: each worker writes ``{node id: group}`` to the file named by ``FRAMEWISE_LANE_GROUPS`` when it has
+collected, and the scheduler reads it once every worker has (pytest-xdist's own ``--dist loadgroup`` renames
+node ids, which pytest 9 no longer lets it do).
+
+Without ``-n`` nothing here applies: one process runs everything in that order, engines on the last CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from xdist.scheduler import LoadScopeScheduling
+
+OWNER = {"stack": 0, "docker": 1}  # group -> the lane that runs it (and starts its processes early)
+
+
+def lane_of(workerid: str, workers: int) -> int:
+    """``gw1`` -> 1; a group owned by a lane beyond the workers started goes to the last one."""
+    return min(int(workerid.removeprefix("gw")), workers - 1)
+
+
+def owner(group: str, workers: int) -> int | None:
+    return None if group not in OWNER else min(OWNER[group], workers - 1)
+
+
+def this_lane() -> tuple[int, int] | None:
+    """(lane, workers) in a pytest-xdist worker, else None."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return None
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    return lane_of(worker, workers), workers
+
+
+def runs_here(group: str) -> bool:
+    """Whether this process runs the tests of ``group`` (always, without xdist)."""
+    lane = this_lane()
+    return lane is None or owner(group, lane[1]) in (None, lane[0])
+
+
+def engine_cpu(lane: int, cpus: list[int]) -> int:
+    """Lane 0's engines on the last CPU (as without lanes), lane 1's on the first, and so on down."""
+    return cpus[max(len(cpus) - 1 - lane, 0)]
+
+
+def write_groups(groups: dict[str, str]) -> None:
+    """In a worker, after collection: the groups, for the scheduler (every worker writes the same)."""
+    path = Path(os.environ["FRAMEWISE_LANE_GROUPS"])
+    part = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
+    part.write_text(json.dumps(groups))
+    part.replace(path)
+
+
+class LaneScheduling(LoadScopeScheduling):
+    """One worker runs a whole group; a group in :data:`OWNER` only on its lane; a worker with room takes the
+    first group in collection order that it may run."""
+
+    groups: dict[str, str] = {}
+
+    def _split_scope(self, nodeid: str) -> str:
+        return self.groups.get(nodeid) or nodeid.split("::")[0]
+
+    def schedule(self) -> None:
+        if self.collection is None:  # the first call: every worker has collected (and written its groups)
+            self.groups = json.loads(Path(os.environ["FRAMEWISE_LANE_GROUPS"]).read_text())
+        super().schedule()
+
+    def _may_run(self, node, scope: str) -> bool:
+        lane = owner(scope, len(self.nodes))
+        return lane is None or lane == lane_of(node.gateway.id, len(self.nodes))
+
+    def _assign_work_unit(self, node) -> None:
+        scope = next((s for s in self.workqueue if self._may_run(node, s)), None)
+        if scope is None:
+            return
+        work_unit = self.workqueue.pop(scope)
+        self.assigned_work.setdefault(node, {})[scope] = work_unit
+        collection = self.registered_collections[node]
+        node.send_runtest_some([collection.index(nodeid) for nodeid, done in work_unit.items() if not done])
+
+    def _reschedule(self, node) -> None:
+        if node.shutting_down:
+            return
+        if not any(self._may_run(node, s) for s in self.workqueue):
+            node.shutdown()  # after what it was given
+            return
+        if self._pending_of(self.assigned_work.get(node, {})) > 2:
+            return
+        self._assign_work_unit(node)
