@@ -114,7 +114,8 @@ def pytest_collection_modifyitems(session, config, items):
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("FRAMEWISE_LANE_GROUPS"):
         from tests.lanes import write_groups
 
-        write_groups({item.nodeid: lane_group(item) for item in items})
+        write_groups({item.nodeid: (lane_group(item), any(item.get_closest_marker(m) for m in ("engine", "docker")))
+                      for item in items})
 
 
 def lane_group(item: pytest.Item) -> str:

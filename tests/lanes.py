@@ -2,20 +2,22 @@
 
 A vLLM CPU engine computes on one core here, so one pytest process running engine tests one after another
 leaves the other core mostly idle (measured: 55-60 % busy over the engine tests). Two pytest workers, each
-with its own CPU for the engines it starts (``FRAMEWISE_SERVER_CPU``), run two such streams side by side:
+with its own CPU for the engines it starts (``FRAMEWISE_SERVER_CPU``), run two such streams side by side.
+Tests are handed out in groups, a group whole to one worker: ``stack`` (every test on the session's shared
+processes, tests/stack.py), ``docker``, and each other module (its module-scoped engines stay one start).
+A worker with room takes, of the groups it may run, the first of
 
-- lane 0 runs every test on the session's shared processes (group ``stack``: tests/stack.py's gateways and job
-  worker, pinned to lane 0's CPU) and starts them before its first test, as a single process does;
-- lane 1 runs the Docker tests (group ``docker``) and starts the image build at once;
-- every other module is one group (its module-scoped engines stay one start) that either lane takes when it
-  has room, in collection order (tests/conftest.py sorts: tests without an engine first, Docker last).
+1. the groups without an engine (in collection order), while the shared engines and the Docker build load;
+2. its own groups: lane 0 owns ``stack`` and ``docker`` (so it alone starts the shared processes and the
+   build, before its first test, as a single process does);
+3. the other engine groups, in collection order: whichever lane is free takes the next.
 
 The workers know each test's group (its fixtures and markers); the scheduler, in the controller, sees only
-node ids: each worker writes ``{node id: group}`` to the file named by ``FRAMEWISE_LANE_GROUPS`` when it has
-collected, and the scheduler reads it once every worker has (pytest-xdist's own ``--dist loadgroup`` renames
-node ids, which pytest 9 no longer lets it do).
+node ids: each worker writes ``{node id: [group, starts an engine]}`` to the file named by
+``FRAMEWISE_LANE_GROUPS`` when it has collected, and the scheduler reads it once every worker has
+(pytest-xdist's own ``--dist loadgroup`` renames node ids, which pytest 9 no longer lets it do).
 
-Without ``-n`` nothing here applies: one process runs everything in that order, engines on the last CPU.
+Without ``-n`` nothing here applies: one process runs everything in collection order, engines on the last CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from xdist.scheduler import LoadScopeScheduling
 
-OWNER = {"stack": 0, "docker": 1}  # group -> the lane that runs it (and starts its processes early)
+OWNER = {"stack": 0, "docker": 0}  # group -> the lane that runs it (and starts its processes early)
 
 
 def lane_of(workerid: str, workers: int) -> int:
@@ -58,26 +60,31 @@ def engine_cpu(lane: int, cpus: list[int]) -> int:
     return cpus[max(len(cpus) - 1 - lane, 0)]
 
 
-def write_groups(groups: dict[str, str]) -> None:
-    """In a worker, after collection: the groups, for the scheduler (every worker writes the same)."""
+def write_groups(tests: dict[str, tuple[str, bool]]) -> None:
+    """In a worker, after collection: each test's group and whether it starts an engine (or Docker), for the
+    scheduler (every worker writes the same)."""
     path = Path(os.environ["FRAMEWISE_LANE_GROUPS"])
     part = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
-    part.write_text(json.dumps(groups))
+    part.write_text(json.dumps(tests))
     part.replace(path)
 
 
 class LaneScheduling(LoadScopeScheduling):
     """One worker runs a whole group; a group in :data:`OWNER` only on its lane; a worker with room takes the
-    first group in collection order that it may run."""
+    group the module doc's order gives."""
 
     groups: dict[str, str] = {}
+    rank: dict[str, int] = {}
 
     def _split_scope(self, nodeid: str) -> str:
         return self.groups.get(nodeid) or nodeid.split("::")[0]
 
     def schedule(self) -> None:
         if self.collection is None:  # the first call: every worker has collected (and written its groups)
-            self.groups = json.loads(Path(os.environ["FRAMEWISE_LANE_GROUPS"]).read_text())
+            tests = json.loads(Path(os.environ["FRAMEWISE_LANE_GROUPS"]).read_text())
+            self.groups = {nodeid: group for nodeid, (group, _) in tests.items()}
+            heavy = {group for group, engine in tests.values() if engine}
+            self.rank = {g: 0 if g not in heavy else 1 if g in OWNER else 2 for g in self.groups.values()}
         super().schedule()
 
     def _may_run(self, node, scope: str) -> bool:
@@ -85,7 +92,8 @@ class LaneScheduling(LoadScopeScheduling):
         return lane is None or lane == lane_of(node.gateway.id, len(self.nodes))
 
     def _assign_work_unit(self, node) -> None:
-        scope = next((s for s in self.workqueue if self._may_run(node, s)), None)
+        allowed = [s for s in self.workqueue if self._may_run(node, s)]
+        scope = min(allowed, key=lambda s: self.rank.get(s, 0), default=None)  # the first of the lowest rank
         if scope is None:
             return
         work_unit = self.workqueue.pop(scope)

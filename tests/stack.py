@@ -11,6 +11,8 @@
 Engine starts dominate the suite's time (20-60 s each on this 2-core machine), so a test that needs a
 gateway takes one of these instead of starting its own; only tests that end a process (engine death,
 SIGTERM) start their own. Tests leave the shared processes as they found them: idle (:func:`quiesce`).
+Under ``make test``'s two lanes (tests/lanes.py) every test that takes one of them runs on lane 0, which alone
+starts them.
 """
 
 from __future__ import annotations
