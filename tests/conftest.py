@@ -114,8 +114,11 @@ def pytest_collection_modifyitems(session, config, items):
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("FRAMEWISE_LANE_GROUPS"):
         from tests.lanes import write_groups
 
-        write_groups({item.nodeid: (lane_group(item), any(item.get_closest_marker(m) for m in ("engine", "docker")))
-                      for item in items})
+        def weight(item) -> int:  # 0 no engine, 1 an engine or Docker, 2 minutes of it (marker `long`)
+            heavy = any(item.get_closest_marker(m) for m in ("engine", "docker"))
+            return 2 if heavy and item.get_closest_marker("long") else int(heavy)
+
+        write_groups({item.nodeid: (lane_group(item), weight(item)) for item in items})
 
 
 def lane_group(item: pytest.Item) -> str:

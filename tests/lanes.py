@@ -10,10 +10,11 @@ A worker with room takes, of the groups it may run, the first of
 1. the groups without an engine (in collection order), while the shared engines and the Docker build load;
 2. its own groups: lane 0 owns ``stack`` and ``docker`` (so it alone starts the shared processes and the
    build, before its first test, as a single process does);
-3. the other engine groups, in collection order: whichever lane is free takes the next.
+3. the other engine groups, those with a test marked ``long`` (minutes in one module) first, in collection
+   order: whichever lane is free takes the next; taken last, a long one left the other lane idle for minutes.
 
 The workers know each test's group (its fixtures and markers); the scheduler, in the controller, sees only
-node ids: each worker writes ``{node id: [group, starts an engine]}`` to the file named by
+node ids: each worker writes ``{node id: [group, weight]}`` (0 no engine, 1 an engine, 2 ``long``) to the file named by
 ``FRAMEWISE_LANE_GROUPS`` when it has collected, and the scheduler reads it once every worker has
 (pytest-xdist's own ``--dist loadgroup`` renames node ids, which pytest 9 no longer lets it do).
 
@@ -60,9 +61,9 @@ def engine_cpu(lane: int, cpus: list[int]) -> int:
     return cpus[max(len(cpus) - 1 - lane, 0)]
 
 
-def write_groups(tests: dict[str, tuple[str, bool]]) -> None:
-    """In a worker, after collection: each test's group and whether it starts an engine (or Docker), for the
-    scheduler (every worker writes the same)."""
+def write_groups(tests: dict[str, tuple[str, int]]) -> None:
+    """In a worker, after collection: each test's group and weight (module doc), for the scheduler (every worker
+    writes the same)."""
     path = Path(os.environ["FRAMEWISE_LANE_GROUPS"])
     part = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
     part.write_text(json.dumps(tests))
@@ -83,8 +84,10 @@ class LaneScheduling(LoadScopeScheduling):
         if self.collection is None:  # the first call: every worker has collected (and written its groups)
             tests = json.loads(Path(os.environ["FRAMEWISE_LANE_GROUPS"]).read_text())
             self.groups = {nodeid: group for nodeid, (group, _) in tests.items()}
-            heavy = {group for group, engine in tests.values() if engine}
-            self.rank = {g: 0 if g not in heavy else 1 if g in OWNER else 2 for g in self.groups.values()}
+            weight: dict[str, int] = {}
+            for group, w in tests.values():
+                weight[group] = max(weight.get(group, 0), w)
+            self.rank = {g: 0 if not w else 1 if g in OWNER else 4 - w for g, w in weight.items()}
         super().schedule()
 
     def _may_run(self, node, scope: str) -> bool:

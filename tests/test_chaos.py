@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.engine, pytest.mark.long, pytest.mark.timeout(2400)]
 
 
 def test_quick_chaos_run_keeps_every_job_exactly_once(tc_llava_dir, tmp_path):

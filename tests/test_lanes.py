@@ -1,6 +1,6 @@
 """The suite's two lanes (tests/lanes.py): the scheduler keeps each group whole on one worker, gives ``stack`` and
 ``docker`` only to lane 0, and hands out groups without an engine first, then a lane's own groups, then the other
-engine groups, each in collection order."""
+engine groups (``long`` ones first), each in collection order."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ import pytest
 
 from tests.lanes import LaneScheduling, engine_cpu, owner
 
-# node id -> (group, starts an engine), in collection order (tests/conftest.py: no engine first, Docker last)
+# node id -> (group, weight: 0 no engine, 1 an engine, 2 marked `long`), in collection order (tests/conftest.py:
+# no engine first, Docker last)
 TESTS = {
-    "tests/test_a.py::test_1": ("tests/test_a.py", False), "tests/test_a.py::test_2": ("tests/test_a.py", False),
-    "tests/test_b.py::test_1": ("tests/test_b.py", False),
-    "tests/test_c.py::test_1": ("tests/test_c.py", False),
-    "tests/test_c.py::test_2": ("tests/test_c.py", True),  # a module with both: one group, with an engine
-    "tests/test_chaos.py::test_1": ("tests/test_chaos.py", True),
-    "tests/test_gateway.py::test_1": ("stack", True), "tests/test_gateway.py::test_2": ("stack", True),
-    "tests/test_parity.py::test_1": ("tests/test_parity.py", True),
-    "tests/test_parity.py::test_2": ("tests/test_parity.py", True),
-    "tests/test_real.py::test_1": ("tests/test_real.py", True),
-    "tests/test_jobs.py::test_1": ("stack", True),  # ends a shared process: sorted after the engine tests
-    "tests/test_deploy.py::test_1": ("docker", True), "tests/test_deploy.py::test_2": ("docker", True),
+    "tests/test_a.py::test_1": ("tests/test_a.py", 0), "tests/test_a.py::test_2": ("tests/test_a.py", 0),
+    "tests/test_b.py::test_1": ("tests/test_b.py", 0),
+    "tests/test_c.py::test_1": ("tests/test_c.py", 0),
+    "tests/test_c.py::test_2": ("tests/test_c.py", 1),  # a module with both: one group, with an engine
+    "tests/test_chaos.py::test_1": ("tests/test_chaos.py", 1),
+    "tests/test_gateway.py::test_1": ("stack", 1), "tests/test_gateway.py::test_2": ("stack", 1),
+    "tests/test_parity.py::test_1": ("tests/test_parity.py", 1),
+    "tests/test_parity.py::test_2": ("tests/test_parity.py", 1),
+    "tests/test_real.py::test_1": ("tests/test_real.py", 2),
+    "tests/test_jobs.py::test_1": ("stack", 1),  # ends a shared process: sorted after the engine tests
+    "tests/test_deploy.py::test_1": ("docker", 1), "tests/test_deploy.py::test_2": ("docker", 1),
 }
 COLLECTION = list(TESTS)
 
@@ -85,20 +86,20 @@ def test_groups_stay_whole_and_owned_groups_run_on_lane_0(lanes):
     assert gw0.shutting_down and gw1.shutting_down
 
 
-def test_the_order_no_engine_first_then_a_lanes_own_groups_then_the_rest(lanes):
+def test_the_order_no_engine_first_then_a_lanes_own_groups_then_long_ones_then_the_rest(lanes):
     sched, (gw0, gw1) = lanes
     group = {g: [t for t in COLLECTION if TESTS[t][0] == g] for g, _ in TESTS.values()}
     # one group each, in collection order; then (pytest-xdist tops a worker up to more than two pending tests)
-    # gw0 takes its own group before test_c, which comes first but starts an engine, and gw1 takes test_c
+    # gw0 takes its own group, gw1 the long one: both before test_c, which comes first but starts an engine
     assert gw0.sent == [group["tests/test_a.py"], group["stack"]]
-    assert gw1.sent == [group["tests/test_b.py"], group["tests/test_c.py"]]
+    assert gw1.sent == [group["tests/test_b.py"], group["tests/test_real.py"]]
     complete(sched, gw1, 0)
-    assert gw1.sent[2] == group["tests/test_chaos.py"]  # the next engine group in collection order
+    assert gw1.sent[2] == group["tests/test_c.py"]  # then the engine groups in collection order
     complete(sched, gw0, 0)
     complete(sched, gw0, 1)
     assert gw0.sent[2] == group["docker"]  # its own group before the engine groups ahead of it
     complete(sched, gw0, 2)
-    assert gw0.sent[3] == group["tests/test_parity.py"]  # then whatever engine group comes next
+    assert gw0.sent[3] == group["tests/test_chaos.py"]  # then whatever engine group comes next
 
 
 def test_without_the_groups_file_a_module_is_a_group_and_nothing_is_owned(lanes):

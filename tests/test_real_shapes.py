@@ -176,6 +176,7 @@ PLACEHOLDER_IDS = {"tc-llava": 32002, "stave": 151656, "video-ccam": 151666, "re
 
 
 @pytest.mark.engine
+@pytest.mark.long
 @pytest.mark.parametrize("arch", list(PUBLISHED))
 def test_served_with_defaults_answers_as_the_reference(real, media, arch, tmp_path):
     import openai
