@@ -111,14 +111,14 @@ def pytest_collection_modifyitems(session, config, items):
         return 1 if item.get_closest_marker("engine") else 0
 
     items[:] = sorted(items, key=group)  # stable
-    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("FRAMEWISE_LANE_GROUPS"):
+    if hasattr(config, "workerinput") and os.environ.get("FRAMEWISE_LANE_GROUPS"):
         from tests.lanes import write_groups
 
         def weight(item) -> int:  # 0 no engine, 1 an engine or Docker, 2 minutes of it (marker `long`)
             heavy = any(item.get_closest_marker(m) for m in ("engine", "docker"))
             return 2 if heavy and item.get_closest_marker("long") else int(heavy)
 
-        write_groups({item.nodeid: (lane_group(item), weight(item)) for item in items})
+        write_groups({item.nodeid: (lane_group(item), weight(item)) for item in items}, config)
 
 
 def lane_group(item: pytest.Item) -> str:
@@ -137,7 +137,7 @@ def pytest_configure(config):
     server: tests/gateway_support.py, tests/stack.py, EngineHandle, loadtests/servers.py)."""
     from tests.lanes import engine_cpu, this_lane
 
-    lane = this_lane()
+    lane = this_lane(config)
     if lane is not None:
         os.environ["FRAMEWISE_SERVER_CPU"] = str(engine_cpu(lane[0], sorted(os.sched_getaffinity(0))))
     elif getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):

@@ -41,18 +41,18 @@ def owner(group: str, workers: int) -> int | None:
     return None if group not in OWNER else min(OWNER[group], workers - 1)
 
 
-def this_lane() -> tuple[int, int] | None:
-    """(lane, workers) in a pytest-xdist worker, else None."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
+def this_lane(config) -> tuple[int, int] | None:
+    """(lane, workers) in a pytest-xdist worker, else None (a nested pytest inherits the environment variables
+    of the worker it runs in, not its ``workerinput``)."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
         return None
-    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    return lane_of(worker, workers), workers
+    return lane_of(worker["workerid"], worker["workercount"]), worker["workercount"]
 
 
-def runs_here(group: str) -> bool:
+def runs_here(group: str, config) -> bool:
     """Whether this process runs the tests of ``group`` (always, without xdist)."""
-    lane = this_lane()
+    lane = this_lane(config)
     return lane is None or owner(group, lane[1]) in (None, lane[0])
 
 
@@ -61,11 +61,11 @@ def engine_cpu(lane: int, cpus: list[int]) -> int:
     return cpus[max(len(cpus) - 1 - lane, 0)]
 
 
-def write_groups(tests: dict[str, tuple[str, int]]) -> None:
+def write_groups(tests: dict[str, tuple[str, int]], config) -> None:
     """In a worker, after collection: each test's group and weight (module doc), for the scheduler (every worker
     writes the same)."""
     path = Path(os.environ["FRAMEWISE_LANE_GROUPS"])
-    part = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
+    part = path.with_name(f"{path.name}.{config.workerinput['workerid']}")
     part.write_text(json.dumps(tests))
     part.replace(path)
 

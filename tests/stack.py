@@ -218,7 +218,7 @@ def _start_shared_processes_early(request):
     from tests.conftest import lane_group
     from tests.lanes import runs_here
 
-    items = [item for item in request.session.items if runs_here(lane_group(item))]  # this lane's (tests/lanes.py)
+    items = [item for item in request.session.items if runs_here(lane_group(item), request.config)]  # this lane's (tests/lanes.py)
     if any(item.get_closest_marker("docker") for item in items):
         request.getfixturevalue("docker_build")
     needed = {name for item in items for name in SHARED if SHARED[name] in item.fixturenames}

@@ -47,7 +47,6 @@ def test_an_unmarked_test_cannot_start_an_engine():
 def test_a_test_taking_a_shared_engine_must_be_marked(pytester, monkeypatch):
     """tests/stack.py refuses an unmarked test that takes a shared gateway (started early, outside any test)."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the inner run is one process, not a lane
     pytester.makeconftest("pytest_plugins = ['tests.stack']\n")
     pytester.makepyfile(test_x="""
 import pytest
