@@ -114,21 +114,7 @@ def pytest_collection_modifyitems(session, config, items):
     if hasattr(config, "workerinput") and os.environ.get("FRAMEWISE_LANE_GROUPS"):
         from tests.lanes import write_groups
 
-        def weight(item) -> int:  # 0 no engine, 1 an engine or Docker, 2 minutes of it (marker `long`)
-            heavy = any(item.get_closest_marker(m) for m in ("engine", "docker"))
-            return 2 if heavy and item.get_closest_marker("long") else int(heavy)
-
-        write_groups({item.nodeid: (lane_group(item), weight(item)) for item in items}, config)
-
-
-def lane_group(item: pytest.Item) -> str:
-    from tests.stack import SHARED
-
-    if item.get_closest_marker("docker"):
-        return "docker"
-    if any(SHARED[name] in item.fixturenames for name in SHARED):
-        return "stack"
-    return item.nodeid.split("::")[0]
+        write_groups(items, config)
 
 
 def pytest_configure(config):
@@ -140,7 +126,7 @@ def pytest_configure(config):
     lane = this_lane(config)
     if lane is not None:
         os.environ["FRAMEWISE_SERVER_CPU"] = str(engine_cpu(lane[0], sorted(os.sched_getaffinity(0))))
-    elif getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+    elif getattr(config.option, "numprocesses", None):  # the controller
         fd, path = tempfile.mkstemp(prefix="framewise-lanes-", suffix=".json")
         os.close(fd)
         os.environ["FRAMEWISE_LANE_GROUPS"] = config._lane_groups = path

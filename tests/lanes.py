@@ -61,12 +61,29 @@ def engine_cpu(lane: int, cpus: list[int]) -> int:
     return cpus[max(len(cpus) - 1 - lane, 0)]
 
 
-def write_groups(tests: dict[str, tuple[str, int]], config) -> None:
-    """In a worker, after collection: each test's group and weight (module doc), for the scheduler (every worker
-    writes the same)."""
+def group_of(item) -> str:
+    """``docker``, ``stack`` (the test takes a shared process of tests/stack.py) or the test's module."""
+    from tests.stack import SHARED
+
+    if item.get_closest_marker("docker"):
+        return "docker"
+    if any(SHARED[name] in item.fixturenames for name in SHARED):
+        return "stack"
+    return item.nodeid.split("::")[0]
+
+
+def weight_of(item) -> int:
+    """0 no engine, 1 an engine or Docker, 2 minutes of it (marker ``long``)."""
+    heavy = any(item.get_closest_marker(m) for m in ("engine", "docker"))
+    return 2 if heavy and item.get_closest_marker("long") else int(heavy)
+
+
+def write_groups(items, config) -> None:
+    """In a worker, after collection: each test's group and weight, for the scheduler (every worker writes the
+    same)."""
     path = Path(os.environ["FRAMEWISE_LANE_GROUPS"])
     part = path.with_name(f"{path.name}.{config.workerinput['workerid']}")
-    part.write_text(json.dumps(tests))
+    part.write_text(json.dumps({item.nodeid: (group_of(item), weight_of(item)) for item in items}))
     part.replace(path)
 
 

@@ -214,11 +214,11 @@ def docker_build():
 def _start_shared_processes_early(request):
     """The shared processes the selected tests will use start before the first test, pinned to one CPU: their
     engines load (30-60 s each) while the tests that need none run on the other CPU. The Docker build
-    (downloads, mostly) starts too when Docker tests are selected; they run last."""
-    from tests.conftest import lane_group
-    from tests.lanes import runs_here
+    (downloads, mostly) starts too when Docker tests are selected; they run last (under lanes: after the
+    shared processes' tests, on lane 0)."""
+    from tests.lanes import group_of, runs_here
 
-    items = [item for item in request.session.items if runs_here(lane_group(item), request.config)]  # this lane's (tests/lanes.py)
+    items = [item for item in request.session.items if runs_here(group_of(item), request.config)]  # this lane's
     if any(item.get_closest_marker("docker") for item in items):
         request.getfixturevalue("docker_build")
     needed = {name for item in items for name in SHARED if SHARED[name] in item.fixturenames}
